@@ -1,0 +1,40 @@
+"""qpeft: fine-tune language models on hardware that is too small for them.
+
+NF4/FP4 4-bit base weights with double-quantized scales, byte-compatible with
+bitsandbytes, computed by Rust kernels on CPU.
+
+>>> import torch, qpeft
+>>> w = torch.randn(64, 64)
+>>> packed, state = qpeft.quantize_4bit(w, compress_statistics=True)
+>>> qpeft.dequantize_4bit(packed, state).shape
+torch.Size([64, 64])
+"""
+
+from .functional import (
+    BLOCK_SIZES,
+    QUANT_TYPES,
+    QuantState,
+    cpu_isa,
+    create_dynamic_map,
+    dequantize_4bit,
+    dequantize_blockwise,
+    get_4bit_type,
+    quantize_4bit,
+    quantize_blockwise,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BLOCK_SIZES",
+    "QUANT_TYPES",
+    "QuantState",
+    "__version__",
+    "cpu_isa",
+    "create_dynamic_map",
+    "dequantize_4bit",
+    "dequantize_blockwise",
+    "get_4bit_type",
+    "quantize_4bit",
+    "quantize_blockwise",
+]

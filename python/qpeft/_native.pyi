@@ -1,0 +1,61 @@
+# Type stub for the Rust extension qpeft._native (rust/src/lib.rs).
+# Arrays are zero-copy NumPy views of contiguous CPU torch tensors; float16 and
+# bfloat16 travel as int16 bits with `dtype` naming the real type.
+from typing import Literal, Optional
+
+import numpy as np
+import numpy.typing as npt
+
+_Float = Literal["float32", "float16", "bfloat16"]
+
+__version__: str
+
+def cpu_isa() -> Literal["avx512", "avx2", "scalar"]: ...
+def code_4bit(quant_type: Literal["nf4", "fp4"]) -> list[float]: ...
+def dynamic_map(signed: bool) -> list[float]: ...
+def quantize_4bit(
+    x: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    dtype: _Float,
+    quant_type: Literal["nf4", "fp4"],
+    blocksize: int,
+    packed: npt.NDArray[np.uint8],
+    absmax: npt.NDArray[np.float32],
+    threads: int,
+    isa: Optional[Literal["scalar", "avx2", "avx512"]] = None,
+) -> None: ...
+def dequantize_4bit(
+    packed: npt.NDArray[np.uint8],
+    quant_type: Literal["nf4", "fp4"],
+    blocksize: int,
+    out: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    dtype: _Float,
+    threads: int,
+    absmax: Optional[npt.NDArray[np.float32]] = None,
+    qabsmax: Optional[npt.NDArray[np.uint8]] = None,
+    absmax2: Optional[npt.NDArray[np.float32]] = None,
+    code2: Optional[npt.NDArray[np.float32]] = None,
+    offset: float = 0.0,
+    blocksize2: int = 256,
+    isa: Optional[Literal["scalar", "avx2", "avx512"]] = None,
+) -> None: ...
+def quantize_blockwise(
+    x: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    dtype: _Float,
+    code: npt.NDArray[np.float32],
+    blocksize: int,
+    out: npt.NDArray[np.uint8],
+    absmax: npt.NDArray[np.float32],
+    threads: int,
+    offset: float = 0.0,
+) -> None: ...
+def dequantize_blockwise(
+    q: npt.NDArray[np.uint8],
+    absmax: npt.NDArray[np.float32],
+    code: npt.NDArray[np.float32],
+    blocksize: int,
+    out: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    dtype: _Float,
+    threads: int,
+    offset: float = 0.0,
+) -> None: ...
+def mean_f32(x: npt.NDArray[np.float32]) -> float: ...

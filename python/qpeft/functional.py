@@ -1,0 +1,645 @@
+"""Quantization primitives: blockwise NF4/FP4 and 8-bit, with bitsandbytes' layout.
+
+This is the only module that knows which backend runs an operation: CPU
+tensors go to the Rust kernels in :mod:`qpeft._native`. Everything else in
+qpeft calls these functions.
+
+Formats (see FORMATS.md in the design notes) are byte-compatible with
+bitsandbytes: a tensor quantized here dequantizes with bitsandbytes and the
+other way round, and :class:`QuantState` reads and writes bitsandbytes'
+state-dict keys.
+
+Decisions worth knowing:
+
+* NF4 bytes equal bitsandbytes' CPU path; FP4 bytes and the 8-bit codes of
+  double-quantized scales follow its CUDA kernels.
+* An all-zero block stores absmax 0 and encodes every element as the code of
+  0.0 (NF4 ``0x77`` like bitsandbytes' CPU path, FP4 ``0x00``); bitsandbytes'
+  CUDA path writes ``0x00`` for NF4. Both dequantize to zeros.
+* A NaN or infinity in a tensor to quantize raises ``ValueError`` (naming the
+  first bad block): a 4-bit code cannot represent it, and silently encoding
+  it would corrupt the whole block.
+* Non-contiguous inputs are copied once (row-major order of their shape);
+  ``out=`` tensors must be contiguous.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Mapping, Optional
+
+import torch
+
+from . import _native
+
+__all__ = [
+    "BLOCK_SIZES",
+    "QUANT_TYPES",
+    "QuantState",
+    "create_dynamic_map",
+    "get_4bit_type",
+    "quantize_4bit",
+    "dequantize_4bit",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "cpu_isa",
+]
+
+#: Block sizes accepted for 4-bit quantization (as bitsandbytes >= 0.50).
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: 4-bit data types.
+QUANT_TYPES = ("nf4", "fp4")
+#: Block size of the second-level quantization of 4-bit scales.
+NESTED_BLOCKSIZE = 256
+
+_FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPE_BY_NAME = {v: k for k, v in _FLOAT_DTYPES.items()}
+
+
+def cpu_isa() -> str:
+    """The SIMD instruction set the CPU kernels use here ('avx512', 'avx2' or 'scalar')."""
+    return _native.cpu_isa()
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def create_dynamic_map(signed: bool = True) -> torch.Tensor:
+    """bitsandbytes' 8-bit dynamic map: 256 ascending float32 values in [-1, 1] ([0, 1] unsigned)."""
+    return torch.tensor(_native.dynamic_map(bool(signed)), dtype=torch.float32)
+
+
+def get_4bit_type(quant_type: str = "nf4", device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 float32 values of a 4-bit code book, indexed by code."""
+    _check_quant_type(quant_type)
+    return torch.tensor(_native.code_4bit(quant_type), dtype=torch.float32, device=device)
+
+
+# ------------------------------------------------------------------ checks
+
+
+def _check_tensor(name: str, t: Any) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_float(name: str, t: torch.Tensor) -> str:
+    dtype = _FLOAT_DTYPES.get(t.dtype)
+    if dtype is None:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; qpeft quantizes float32, float16 and bfloat16 tensors "
+            f"(convert with {name}.float())"
+        )
+    return dtype
+
+
+def _check_cpu(name: str, t: torch.Tensor) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(
+            f"{name} is on {t.device}, but this build of qpeft only has CPU kernels for it; "
+            f"move it with {name}.cpu() (CUDA kernels come with qpeft[cuda])"
+        )
+
+
+def _check_blocksize(blocksize: int) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCK_SIZES:
+        raise ValueError(f"blocksize must be one of {BLOCK_SIZES}, got {blocksize!r}")
+    return blocksize
+
+
+def _check_blocksize8(blocksize: int) -> int:
+    ok = isinstance(blocksize, int) and not isinstance(blocksize, bool)
+    if not ok or blocksize < 16 or blocksize > 65536 or blocksize & (blocksize - 1):
+        raise ValueError(f"8-bit blocksize must be a power of two from 16 to 65536, got {blocksize!r}")
+    return blocksize
+
+
+def _check_quant_type(quant_type: str) -> str:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    return quant_type
+
+
+def _check_out(out: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    _check_tensor("out", out)
+    _check_cpu("out", out)
+    if out.dtype != dtype:
+        raise TypeError(f"out has dtype {out.dtype}, expected {dtype}")
+    if out.numel() != numel:
+        raise ValueError(f"out has {out.numel()} elements, expected {numel}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous (it is written in place)")
+    return out
+
+
+def _flat_view(t: torch.Tensor):
+    """A zero-copy NumPy view of a contiguous CPU tensor, 16-bit floats as int16 bits."""
+    t = t.detach().reshape(-1)
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.view(torch.int16)
+    return t.numpy()
+
+
+# -------------------------------------------------------------- QuantState
+
+
+class QuantState:
+    """Everything needed to dequantize a blockwise-quantized tensor.
+
+    Attribute names match ``bitsandbytes.functional.QuantState`` so either
+    object can be passed where the other is expected.
+
+    Attributes:
+        absmax: float32 block scales, or uint8 codes of them when nested.
+        shape: shape of the original tensor.
+        code: the code book (16 values for 4-bit, 256 for 8-bit).
+        blocksize: elements per block.
+        quant_type: ``"nf4"``/``"fp4"`` for 4-bit states, ``None`` for 8-bit.
+        dtype: dtype of the original tensor (and of dequantized output).
+        offset: float32 scalar tensor subtracted before nested quantization.
+        state2: the nested state (float32 scales of the uint8 ``absmax``).
+    """
+
+    _TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+    _JSON_KEYS = (
+        "quant_type",
+        "blocksize",
+        "dtype",
+        "shape",
+        "nested_blocksize",
+        "nested_dtype",
+        "nested_offset",
+    )
+
+    def __init__(
+        self,
+        absmax: torch.Tensor,
+        shape: Optional[torch.Size | tuple[int, ...]] = None,
+        code: Optional[torch.Tensor] = None,
+        blocksize: Optional[int] = None,
+        quant_type: Optional[str] = None,
+        dtype: Optional[torch.dtype] = None,
+        offset: Optional[torch.Tensor] = None,
+        state2: Optional["QuantState"] = None,
+    ) -> None:
+        self.absmax = absmax
+        self.shape = torch.Size(shape) if shape is not None else None
+        self.code = code
+        self.blocksize = blocksize
+        self.quant_type = quant_type
+        self.dtype = dtype
+        self.offset = offset
+        self.state2 = state2
+
+    @property
+    def nested(self) -> bool:
+        """True when the block scales are themselves 8-bit quantized."""
+        return self.state2 is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantState(quant_type={self.quant_type!r}, shape={tuple(self.shape) if self.shape else None}, "
+            f"dtype={self.dtype}, blocksize={self.blocksize}, nested={self.nested})"
+        )
+
+    def as_dict(self, packed: bool = False) -> dict[str, Any]:
+        """The state as bitsandbytes serializes it.
+
+        With ``packed=True`` the result holds only tensors (fit for safetensors):
+        ``absmax``, ``quant_map`` and, when nested, ``nested_absmax`` and
+        ``nested_quant_map``, plus ``quant_state.bitsandbytes__<quant_type>``,
+        the UTF-8 bytes of a JSON object with the non-tensor fields.
+        """
+        d: dict[str, Any] = {
+            "quant_type": self.quant_type,
+            "absmax": self.absmax,
+            "blocksize": self.blocksize,
+            "quant_map": self.code,
+            "dtype": _dtype_name(self.dtype),
+            "shape": tuple(self.shape) if self.shape is not None else None,
+        }
+        if self.nested:
+            d.update(
+                nested_absmax=self.state2.absmax,
+                nested_blocksize=self.state2.blocksize,
+                # A separate copy: safetensors refuses tensors that share memory.
+                nested_quant_map=self.state2.code.clone(),
+                nested_dtype=_dtype_name(self.state2.dtype),
+                nested_offset=float(self.offset.item() if torch.is_tensor(self.offset) else self.offset),
+            )
+        if not packed or self.quant_type is None:
+            return d
+        tensors = {k: v for k, v in d.items() if isinstance(v, torch.Tensor)}
+        fields = {k: v for k, v in d.items() if not isinstance(v, torch.Tensor)}
+        blob = json.dumps(fields).encode("utf-8")
+        tensors[f"quant_state.bitsandbytes__{self.quant_type}"] = torch.tensor(list(blob), dtype=torch.uint8)
+        return tensors
+
+    @classmethod
+    def from_dict(cls, qs_dict: Mapping[str, Any], device: torch.device | str = "cpu") -> "QuantState":
+        """Rebuild a 4-bit state from :meth:`as_dict` output or a bitsandbytes state dict.
+
+        Keys may carry a prefix (``"weight.absmax"``); packed and unpacked forms
+        are accepted. Raises ``ValueError`` naming what is missing or malformed.
+        """
+        d = dict(qs_dict)
+        packed_keys = [k for k, v in d.items() if "quant_state" in k and isinstance(v, torch.Tensor)]
+        if packed_keys:
+            if len(packed_keys) != 1 or packed_keys[0].split(".")[-1] not in (
+                "bitsandbytes__nf4",
+                "bitsandbytes__fp4",
+            ):
+                raise ValueError(
+                    "expected exactly one 'quant_state.bitsandbytes__nf4' or '...__fp4' entry, "
+                    f"found {packed_keys}"
+                )
+            d.update(_unpack_json(d.pop(packed_keys[0])))
+        d = {k.split(".")[-1]: v for k, v in d.items()}
+        unknown = set(d) - set(cls._TENSOR_KEYS) - set(cls._JSON_KEYS)
+        if unknown:
+            raise ValueError(f"unexpected quantization state keys: {sorted(unknown)}")
+        required = ["quant_type", "absmax", "blocksize", "quant_map", "dtype", "shape"]
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"quantization state is missing {missing}")
+        quant_type = _check_quant_type(d["quant_type"])
+        blocksize = _check_blocksize(d["blocksize"])
+        dtype = _dtype_from_name(d["dtype"], "dtype")
+        shape = d["shape"]
+        if not isinstance(shape, (list, tuple)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+        ):
+            raise ValueError(f"shape must be a list of non-negative integers, got {shape!r}")
+        shape = torch.Size(shape)
+        n_blocks = -(-math.prod(shape) // blocksize)
+        absmax = _tensor_field(d, "absmax", device)
+        code = _tensor_field(d, "quant_map", device)
+        if code.dtype != torch.float32 or code.numel() != 16:
+            raise ValueError(f"quant_map must be 16 float32 values, got {code.dtype} x {code.numel()}")
+        if absmax.numel() != n_blocks:
+            raise ValueError(
+                f"absmax has {absmax.numel()} entries; shape {list(shape)} in blocks of {blocksize} needs {n_blocks}"
+            )
+        offset = state2 = None
+        if "nested_absmax" in d:
+            nested_missing = [
+                k for k in ("nested_quant_map", "nested_blocksize", "nested_dtype", "nested_offset") if k not in d
+            ]
+            if nested_missing:
+                raise ValueError(f"nested quantization state is missing {nested_missing}")
+            if absmax.dtype != torch.uint8:
+                raise ValueError(f"a nested state stores absmax as uint8 codes, got {absmax.dtype}")
+            nested_bs = _check_blocksize8(d["nested_blocksize"])
+            nested_absmax = _tensor_field(d, "nested_absmax", device)
+            nested_code = _tensor_field(d, "nested_quant_map", device)
+            if nested_absmax.dtype != torch.float32 or nested_absmax.numel() != -(-n_blocks // nested_bs):
+                raise ValueError(
+                    f"nested_absmax must be {-(-n_blocks // nested_bs)} float32 values, "
+                    f"got {nested_absmax.dtype} x {nested_absmax.numel()}"
+                )
+            if nested_code.dtype != torch.float32 or nested_code.numel() != 256:
+                raise ValueError("nested_quant_map must be 256 float32 values")
+            if not isinstance(d["nested_offset"], (int, float)) or isinstance(d["nested_offset"], bool):
+                raise ValueError(f"nested_offset must be a number, got {d['nested_offset']!r}")
+            offset = torch.tensor(float(d["nested_offset"]), dtype=torch.float32, device=device)
+            state2 = cls(
+                absmax=nested_absmax,
+                code=nested_code,
+                blocksize=nested_bs,
+                dtype=_dtype_from_name(d["nested_dtype"], "nested_dtype"),
+            )
+        elif absmax.dtype != torch.float32:
+            raise ValueError(f"absmax must be float32 when not nested, got {absmax.dtype}")
+        return cls(
+            absmax=absmax,
+            shape=shape,
+            code=code,
+            blocksize=blocksize,
+            quant_type=quant_type,
+            dtype=dtype,
+            offset=offset,
+            state2=state2,
+        )
+
+    def to(self, device: torch.device | str) -> "QuantState":
+        """Move every tensor of the state to ``device`` (in place); returns self."""
+        self.absmax = self.absmax.to(device)
+        if self.code is not None:
+            self.code = self.code.to(device)
+        if self.nested:
+            self.offset = self.offset.to(device)
+            self.state2.to(device)
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, QuantState):
+            return NotImplemented
+        same = lambda a, b: (a is None and b is None) or (  # noqa: E731
+            a is not None and b is not None and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+        )
+        return (
+            self.quant_type == other.quant_type
+            and self.shape == other.shape
+            and self.dtype == other.dtype
+            and self.blocksize == other.blocksize
+            and same(self.absmax, other.absmax)
+            and same(self.code, other.code)
+            and same(self.offset, other.offset)
+            and self.state2 == other.state2
+        )
+
+    __hash__ = None  # mutable
+
+
+def _dtype_name(dtype: Optional[torch.dtype]) -> Optional[str]:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: Any, key: str) -> torch.dtype:
+    if name not in _DTYPE_BY_NAME:
+        raise ValueError(f"{key} must be one of {sorted(_DTYPE_BY_NAME)}, got {name!r}")
+    return _DTYPE_BY_NAME[name]
+
+
+def _tensor_field(d: Mapping[str, Any], key: str, device) -> torch.Tensor:
+    v = d[key]
+    if not isinstance(v, torch.Tensor):
+        raise ValueError(f"{key} must be a tensor, got {type(v).__name__}")
+    return v.to(device)
+
+
+def _unpack_json(t: torch.Tensor) -> dict[str, Any]:
+    if t.dtype != torch.uint8 or t.dim() != 1:
+        raise ValueError(f"the packed quant_state must be a 1-D uint8 tensor, got {t.dtype} {tuple(t.shape)}")
+    try:
+        fields = json.loads(bytes(t.cpu().numpy()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the packed quant_state is not UTF-8 JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise ValueError("the packed quant_state must hold a JSON object")
+    return fields
+
+
+# ------------------------------------------------------------------ 4-bit
+
+
+def quantize_4bit(
+    A: torch.Tensor,
+    absmax: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: int = 64,
+    compress_statistics: bool = False,
+    quant_type: str = "nf4",
+    quant_storage: torch.dtype = torch.uint8,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize a tensor to 4 bits in blocks (the signature of bitsandbytes' function).
+
+    Args:
+        A: float32/float16/bfloat16 CPU tensor of any shape; finite values.
+        absmax: optional float32 tensor of ``ceil(n/blocksize)`` to receive the scales.
+        out: optional uint8 tensor of ``(n+1)//2`` elements to receive the packed codes.
+        blocksize: elements per block, one of :data:`BLOCK_SIZES`.
+        compress_statistics: double-quantize the scales (8-bit, blocks of 256,
+            mean offset), about 0.127 instead of 0.5 bits per parameter.
+        quant_type: ``"nf4"`` or ``"fp4"``.
+        quant_storage: dtype the packed bytes are viewed as (uint8 by default).
+
+    Returns:
+        ``(packed, state)``: packed codes of shape ``((n+1)//2, 1)`` and the
+        :class:`QuantState` needed to dequantize them.
+
+    Example:
+        >>> w = torch.randn(256, 128)
+        >>> q, state = quantize_4bit(w, blocksize=64, compress_statistics=True)
+        >>> dequantize_4bit(q, state).shape
+        torch.Size([256, 128])
+    """
+    _check_tensor("A", A)
+    dtype = _check_float("A", A)
+    _check_cpu("A", A)
+    _check_blocksize(blocksize)
+    _check_quant_type(quant_type)
+    n = A.numel()
+    n_blocks = -(-n // blocksize)
+    x = A.detach().contiguous()
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    scales = torch.empty(n_blocks, dtype=torch.float32)
+    _native.quantize_4bit(_flat_view(x), dtype, quant_type, blocksize, _flat_view(packed), _flat_view(scales), _threads())
+    code = get_4bit_type(quant_type)
+    if compress_statistics:
+        # torch's own mean, so the offset matches bitsandbytes to the bit.
+        offset = scales.mean() if n_blocks else torch.tensor(0.0)
+        qscales, state2 = quantize_blockwise(scales, blocksize=NESTED_BLOCKSIZE, _offset=offset)
+        state = QuantState(
+            absmax=qscales,
+            shape=A.shape,
+            code=code,
+            blocksize=blocksize,
+            quant_type=quant_type,
+            dtype=A.dtype,
+            offset=offset,
+            state2=state2,
+        )
+    else:
+        state = QuantState(absmax=scales, shape=A.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=A.dtype)
+    if out is not None:
+        _check_out(out, packed.numel(), torch.uint8).view(-1).copy_(packed.view(-1))
+        packed = out
+    if absmax is not None:
+        state.absmax = _check_out(absmax, state.absmax.numel(), state.absmax.dtype).copy_(state.absmax.view_as(absmax))
+    if quant_storage != torch.uint8:
+        packed = _view_storage(packed, quant_storage)
+    return packed, state
+
+
+def _view_storage(packed: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
+    size = torch.empty((), dtype=storage).element_size()
+    if packed.numel() % size:
+        raise ValueError(
+            f"{packed.numel()} packed bytes cannot be viewed as {storage} ({size} bytes per element); use uint8"
+        )
+    return packed.view(-1).view(storage).unsqueeze(1)
+
+
+def dequantize_4bit(
+    A: torch.Tensor,
+    quant_state: Optional[QuantState] = None,
+    absmax: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+) -> torch.Tensor:
+    """Dequantize packed 4-bit codes to the original shape and dtype.
+
+    ``quant_state`` may be a qpeft or a bitsandbytes ``QuantState``. Without a
+    state, ``absmax``, ``out`` (giving shape and dtype), ``blocksize`` and
+    ``quant_type`` describe the data. Values are ``code[nibble] * absmax`` in
+    float32, then rounded to the output dtype.
+    """
+    _check_tensor("A", A)
+    _check_cpu("A", A)
+    if quant_state is None:
+        if absmax is None or out is None:
+            raise ValueError("pass quant_state, or both absmax and out")
+        quant_state = QuantState(
+            absmax=absmax, shape=out.shape, blocksize=blocksize, quant_type=quant_type, dtype=out.dtype
+        )
+    qs = quant_state
+    _check_blocksize(qs.blocksize)
+    _check_quant_type(qs.quant_type)
+    dtype_name = _FLOAT_DTYPES.get(qs.dtype)
+    if dtype_name is None:
+        raise TypeError(f"quant_state.dtype must be float32, float16 or bfloat16, got {qs.dtype}")
+    shape = torch.Size(qs.shape)
+    n = math.prod(shape)
+    packed = A.detach()
+    if packed.dtype != torch.uint8:
+        packed = packed.contiguous().view(torch.uint8)
+    packed = packed.contiguous()
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(
+            f"packed data has {packed.numel()} bytes, but shape {list(shape)} needs {(n + 1) // 2}"
+        )
+    if out is None:
+        out = torch.empty(shape, dtype=qs.dtype)
+    else:
+        _check_out(out, n, qs.dtype)
+    kwargs: dict[str, Any] = {}
+    if qs.nested:
+        s2 = qs.state2
+        kwargs.update(
+            qabsmax=_flat_view(_cpu_contig(qs.absmax, torch.uint8, "absmax")),
+            absmax2=_flat_view(_cpu_contig(s2.absmax, torch.float32, "state2.absmax")),
+            code2=_flat_view(_cpu_contig(s2.code, torch.float32, "state2.code")),
+            offset=float(qs.offset),
+            blocksize2=_check_blocksize8(s2.blocksize),
+        )
+    else:
+        kwargs["absmax"] = _flat_view(_cpu_contig(qs.absmax, torch.float32, "absmax"))
+    _native.dequantize_4bit(
+        _flat_view(packed), qs.quant_type, qs.blocksize, _flat_view(out), dtype_name, _threads(), **kwargs
+    )
+    return out
+
+
+def _cpu_contig(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    _check_tensor(name, t)
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    return t.detach().cpu().contiguous()
+
+
+# ------------------------------------------------------------------ 8-bit
+
+
+def quantize_blockwise(
+    A: torch.Tensor,
+    code: Optional[torch.Tensor] = None,
+    absmax: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: int = 4096,
+    nested: bool = False,
+    *,
+    _offset: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize a tensor to 8-bit codes in blocks (the signature of bitsandbytes' function).
+
+    Each block is scaled by the float32 reciprocal of its absmax and every
+    value mapped to the nearest entry of ``code`` (default: the signed dynamic
+    map; ties to the even index), as bitsandbytes' CUDA kernel does.
+
+    Returns ``(codes, state)``; codes are uint8 with A's shape.
+    """
+    _check_tensor("A", A)
+    dtype = _check_float("A", A)
+    _check_cpu("A", A)
+    _check_blocksize8(blocksize)
+    if code is None:
+        code = create_dynamic_map(signed=True)
+    code = _cpu_contig(code, torch.float32, "code")
+    if code.numel() != 256:
+        raise ValueError(f"code must have 256 values, got {code.numel()}")
+    n = A.numel()
+    x = A.detach().contiguous()
+    q = torch.empty(A.shape, dtype=torch.uint8)
+    scales = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    offset = 0.0 if _offset is None else float(_offset)
+    _native.quantize_blockwise(
+        _flat_view(x), dtype, _flat_view(code), blocksize, _flat_view(q), _flat_view(scales), _threads(), offset
+    )
+    if nested:
+        off = scales.mean() if scales.numel() else torch.tensor(0.0)
+        qscales, state2 = quantize_blockwise(scales, blocksize=blocksize, _offset=off)
+        state = QuantState(absmax=qscales, code=code.clone(), blocksize=blocksize, dtype=A.dtype, offset=off, state2=state2)
+    else:
+        state = QuantState(absmax=scales, code=code.clone(), blocksize=blocksize, dtype=A.dtype)
+    if out is not None:
+        q = _check_out(out, n, torch.uint8).copy_(q.view_as(out))
+    if absmax is not None:
+        state.absmax = _check_out(absmax, state.absmax.numel(), state.absmax.dtype).copy_(state.absmax.view_as(absmax))
+    return q, state
+
+
+def dequantize_blockwise(
+    A: torch.Tensor,
+    quant_state: Optional[QuantState] = None,
+    absmax: Optional[torch.Tensor] = None,
+    code: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    blocksize: int = 4096,
+    nested: bool = False,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Dequantize 8-bit codes: ``code[q] * absmax[block]`` in float32, then cast.
+
+    ``quant_state`` may be a qpeft or a bitsandbytes ``QuantState`` (nested
+    states are handled); otherwise pass ``absmax`` (and optionally ``code``).
+    """
+    _check_tensor("A", A)
+    _check_cpu("A", A)
+    if A.dtype != torch.uint8:
+        raise TypeError(f"A must hold uint8 codes, got {A.dtype}")
+    if quant_state is None:
+        if absmax is None:
+            raise ValueError("pass quant_state or absmax")
+        quant_state = QuantState(
+            absmax=absmax,
+            code=code if code is not None else create_dynamic_map(True),
+            blocksize=blocksize,
+            dtype=dtype or torch.float32,
+        )
+    qs = quant_state
+    _check_blocksize8(qs.blocksize)
+    scales = qs.absmax
+    if qs.nested:
+        scales = dequantize_blockwise(qs.absmax, qs.state2, dtype=torch.float32)
+        scales = scales + _as_f32_scalar(qs.offset)
+    out_dtype = dtype or qs.dtype or torch.float32
+    dtype_name = _FLOAT_DTYPES.get(out_dtype)
+    if dtype_name is None:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    q = A.detach().contiguous()
+    if out is None:
+        out = torch.empty(A.shape, dtype=out_dtype)
+    else:
+        _check_out(out, q.numel(), out_dtype)
+    c = _cpu_contig(qs.code, torch.float32, "code")
+    if c.numel() != 256:
+        raise ValueError(f"code must have 256 values, got {c.numel()}")
+    _native.dequantize_blockwise(
+        _flat_view(q),
+        _flat_view(_cpu_contig(scales, torch.float32, "absmax")),
+        _flat_view(c),
+        qs.blocksize,
+        _flat_view(out),
+        dtype_name,
+        _threads(),
+    )
+    return out
+
+
+def _as_f32_scalar(x: Any) -> torch.Tensor:
+    return x.float().cpu() if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float32)

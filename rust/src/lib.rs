@@ -1,0 +1,340 @@
+//! qpeft's CPU kernels and their Python bindings.
+//!
+//! The kernel modules are plain Rust with their own unit tests. This file is
+//! the only one that touches PyO3: it converts NumPy views of torch tensors to
+//! slices, releases the GIL around each kernel, and maps [`error::Error`] (and
+//! any panic) to a Python exception. Python validates user input first
+//! (python/qpeft/functional.py); the checks here only guard memory.
+
+pub mod blockwise8;
+pub mod codebook;
+pub mod cpu;
+pub mod dynamic_map;
+pub mod elem;
+pub mod error;
+pub mod nf4;
+pub mod parallel;
+pub mod scale;
+
+#[cfg(feature = "python")]
+mod bindings {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+
+    use numpy::{PyReadonlyArray1, PyReadwriteArray1};
+    use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+    use pyo3::prelude::*;
+
+    use crate::blockwise8::{self, Code8};
+    use crate::codebook::{QuantType, FP4, NF4};
+    use crate::cpu::{self, Isa};
+    use crate::dynamic_map::{dynamic_signed, dynamic_unsigned};
+    use crate::elem::{Bf16, Elem, F16};
+    use crate::error::Error;
+    use crate::nf4::{self, Nested, Scales};
+
+    fn to_py(e: Error) -> PyErr {
+        PyValueError::new_err(e.to_string())
+    }
+
+    /// Run a kernel with the GIL released; a panic becomes RuntimeError.
+    fn run<R: Send>(py: Python<'_>, f: impl FnOnce() -> Result<R, Error> + Send) -> PyResult<R> {
+        let out = py.detach(|| catch_unwind(AssertUnwindSafe(f)));
+        match out {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(to_py(e)),
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(PyRuntimeError::new_err(format!(
+                    "internal error in qpeft's native kernel (please report it): {msg}"
+                )))
+            }
+        }
+    }
+
+    fn parse_isa(isa: Option<&str>) -> PyResult<Isa> {
+        match isa {
+            None => Ok(cpu::best()),
+            Some("scalar") => Ok(Isa::Scalar),
+            Some("avx2") => Ok(Isa::Avx2),
+            Some("avx512") => Ok(Isa::Avx512),
+            Some(other) => Err(PyValueError::new_err(format!(
+                "isa must be 'scalar', 'avx2' or 'avx512', got {other:?}"
+            ))),
+        }
+    }
+
+    fn parse_quant_type(name: &str) -> PyResult<QuantType> {
+        QuantType::parse(name).ok_or_else(|| {
+            PyValueError::new_err(format!("quant_type must be 'nf4' or 'fp4', got {name:?}"))
+        })
+    }
+
+    fn code256(values: &[f32]) -> PyResult<[f32; 256]> {
+        values.try_into().map_err(|_| {
+            PyValueError::new_err(format!("an 8-bit code needs 256 values, got {}", values.len()))
+        })
+    }
+
+    fn slice<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, what: &str) -> PyResult<&'a [T]> {
+        a.as_slice()
+            .map_err(|_| PyValueError::new_err(format!("{what} must be contiguous")))
+    }
+
+    fn slice_mut<'a, T: numpy::Element>(
+        a: &'a mut PyReadwriteArray1<'_, T>,
+        what: &str,
+    ) -> PyResult<&'a mut [T]> {
+        a.as_slice_mut()
+            .map_err(|_| PyValueError::new_err(format!("{what} must be contiguous")))
+    }
+
+    /// A flat float input: float32, or float16 / bfloat16 passed as int16 bits.
+    enum In<'py> {
+        F32(PyReadonlyArray1<'py, f32>),
+        Bits(PyReadonlyArray1<'py, i16>, bool), // true: bfloat16
+    }
+
+    fn input<'py>(x: &Bound<'py, PyAny>, dtype: &str) -> PyResult<In<'py>> {
+        match dtype {
+            "float32" => Ok(In::F32(x.extract()?)),
+            "float16" | "bfloat16" => Ok(In::Bits(x.extract()?, dtype == "bfloat16")),
+            other => Err(PyTypeError::new_err(format!(
+                "dtype must be float32, float16 or bfloat16, got {other}"
+            ))),
+        }
+    }
+
+    enum Out<'py> {
+        F32(PyReadwriteArray1<'py, f32>),
+        Bits(PyReadwriteArray1<'py, i16>, bool),
+    }
+
+    fn output<'py>(x: &Bound<'py, PyAny>, dtype: &str) -> PyResult<Out<'py>> {
+        match dtype {
+            "float32" => Ok(Out::F32(x.extract()?)),
+            "float16" | "bfloat16" => Ok(Out::Bits(x.extract()?, dtype == "bfloat16")),
+            other => Err(PyTypeError::new_err(format!(
+                "dtype must be float32, float16 or bfloat16, got {other}"
+            ))),
+        }
+    }
+
+    fn as_elems<E: Elem>(bits: &[i16]) -> &[E] {
+        // SAFETY: Bf16 and F16 are repr(transparent) over u16, the same size
+        // and alignment as i16; the length is unchanged.
+        unsafe { std::slice::from_raw_parts(bits.as_ptr() as *const E, bits.len()) }
+    }
+
+    fn as_elems_mut<E: Elem>(bits: &mut [i16]) -> &mut [E] {
+        // SAFETY: as in `as_elems`; the borrow is unique.
+        unsafe { std::slice::from_raw_parts_mut(bits.as_mut_ptr() as *mut E, bits.len()) }
+    }
+
+    /// Calls `$body` with `$x` bound to the input as a slice of its element type.
+    macro_rules! with_input {
+        ($inp:expr, $x:ident => $body:expr) => {
+            match &$inp {
+                In::F32(a) => {
+                    let $x: &[f32] = slice(a, "input")?;
+                    $body
+                }
+                In::Bits(a, true) => {
+                    let $x: &[Bf16] = as_elems(slice(a, "input")?);
+                    $body
+                }
+                In::Bits(a, false) => {
+                    let $x: &[F16] = as_elems(slice(a, "input")?);
+                    $body
+                }
+            }
+        };
+    }
+
+    macro_rules! with_output {
+        ($outp:expr, $o:ident => $body:expr) => {
+            match &mut $outp {
+                Out::F32(a) => {
+                    let $o: &mut [f32] = slice_mut(a, "output")?;
+                    $body
+                }
+                Out::Bits(a, true) => {
+                    let $o: &mut [Bf16] = as_elems_mut(slice_mut(a, "output")?);
+                    $body
+                }
+                Out::Bits(a, false) => {
+                    let $o: &mut [F16] = as_elems_mut(slice_mut(a, "output")?);
+                    $body
+                }
+            }
+        };
+    }
+
+    /// The instruction set the kernels use on this CPU.
+    #[pyfunction]
+    fn cpu_isa() -> &'static str {
+        cpu::best().name()
+    }
+
+    /// The 16 values of a 4-bit code book ('nf4' or 'fp4') by code.
+    #[pyfunction]
+    fn code_4bit(quant_type: &str) -> PyResult<Vec<f32>> {
+        Ok(match parse_quant_type(quant_type)? {
+            QuantType::Nf4 => NF4.to_vec(),
+            QuantType::Fp4 => FP4.to_vec(),
+        })
+    }
+
+    /// bitsandbytes' 8-bit dynamic map (256 ascending values).
+    #[pyfunction]
+    fn dynamic_map(signed: bool) -> Vec<f32> {
+        if signed {
+            dynamic_signed().to_vec()
+        } else {
+            dynamic_unsigned().to_vec()
+        }
+    }
+
+    #[pyfunction]
+    #[pyo3(signature = (x, dtype, quant_type, blocksize, packed, absmax, threads, isa=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn quantize_4bit(
+        py: Python<'_>,
+        x: &Bound<'_, PyAny>,
+        dtype: &str,
+        quant_type: &str,
+        blocksize: usize,
+        mut packed: PyReadwriteArray1<'_, u8>,
+        mut absmax: PyReadwriteArray1<'_, f32>,
+        threads: usize,
+        isa: Option<&str>,
+    ) -> PyResult<()> {
+        let qt = parse_quant_type(quant_type)?;
+        let isa = parse_isa(isa)?;
+        let inp = input(x, dtype)?;
+        let packed = slice_mut(&mut packed, "packed")?;
+        let absmax = slice_mut(&mut absmax, "absmax")?;
+        with_input!(inp, xs => run(py, || {
+            nf4::quantize_4bit_isa(isa, xs, qt, blocksize, packed, absmax, threads)
+        }))
+    }
+
+    #[pyfunction]
+    #[pyo3(signature = (packed, quant_type, blocksize, out, dtype, threads, absmax=None,
+                        qabsmax=None, absmax2=None, code2=None, offset=0.0, blocksize2=256, isa=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn dequantize_4bit(
+        py: Python<'_>,
+        packed: PyReadonlyArray1<'_, u8>,
+        quant_type: &str,
+        blocksize: usize,
+        out: &Bound<'_, PyAny>,
+        dtype: &str,
+        threads: usize,
+        absmax: Option<PyReadonlyArray1<'_, f32>>,
+        qabsmax: Option<PyReadonlyArray1<'_, u8>>,
+        absmax2: Option<PyReadonlyArray1<'_, f32>>,
+        code2: Option<PyReadonlyArray1<'_, f32>>,
+        offset: f32,
+        blocksize2: usize,
+        isa: Option<&str>,
+    ) -> PyResult<()> {
+        let qt = parse_quant_type(quant_type)?;
+        let isa = parse_isa(isa)?;
+        let packed = slice(&packed, "packed")?;
+        let code;
+        let scales = match (&absmax, &qabsmax, &absmax2, &code2) {
+            (Some(a), None, None, None) => Scales::Plain(slice(a, "absmax")?),
+            (None, Some(q), Some(a2), Some(c)) => {
+                code = code256(slice(c, "nested code")?)?;
+                Scales::Nested(Nested {
+                    qabsmax: slice(q, "nested codes")?,
+                    absmax2: slice(a2, "nested absmax")?,
+                    code: &code,
+                    offset,
+                    blocksize2,
+                })
+            }
+            _ => {
+                return Err(PyValueError::new_err(
+                    "pass either absmax, or all of qabsmax, absmax2 and code2",
+                ))
+            }
+        };
+        let mut outp = output(out, dtype)?;
+        with_output!(outp, o => run(py, || {
+            nf4::dequantize_4bit_isa(isa, packed, scales, qt, blocksize, o, threads)
+        }))
+    }
+
+    #[pyfunction]
+    #[pyo3(signature = (x, dtype, code, blocksize, out, absmax, threads, offset=0.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn quantize_blockwise(
+        py: Python<'_>,
+        x: &Bound<'_, PyAny>,
+        dtype: &str,
+        code: PyReadonlyArray1<'_, f32>,
+        blocksize: usize,
+        mut out: PyReadwriteArray1<'_, u8>,
+        mut absmax: PyReadwriteArray1<'_, f32>,
+        threads: usize,
+        offset: f32,
+    ) -> PyResult<()> {
+        let code = Code8::new(code256(slice(&code, "code")?)?).map_err(to_py)?;
+        let inp = input(x, dtype)?;
+        let out = slice_mut(&mut out, "out")?;
+        let absmax = slice_mut(&mut absmax, "absmax")?;
+        with_input!(inp, xs => run(py, || {
+            blockwise8::quantize_blockwise(xs, offset, &code, blocksize, out, absmax, threads)
+        }))
+    }
+
+    #[pyfunction]
+    #[pyo3(signature = (q, absmax, code, blocksize, out, dtype, threads, offset=0.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn dequantize_blockwise(
+        py: Python<'_>,
+        q: PyReadonlyArray1<'_, u8>,
+        absmax: PyReadonlyArray1<'_, f32>,
+        code: PyReadonlyArray1<'_, f32>,
+        blocksize: usize,
+        out: &Bound<'_, PyAny>,
+        dtype: &str,
+        threads: usize,
+        offset: f32,
+    ) -> PyResult<()> {
+        let code = code256(slice(&code, "code")?)?;
+        let q = slice(&q, "codes")?;
+        let absmax = slice(&absmax, "absmax")?;
+        let mut outp = output(out, dtype)?;
+        with_output!(outp, o => run(py, || {
+            blockwise8::dequantize_blockwise(q, absmax, offset, &code, blocksize, o, threads)
+        }))
+    }
+
+    /// Mean of float32 values, accumulated in float64.
+    #[pyfunction]
+    fn mean_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>) -> PyResult<f32> {
+        let xs = slice(&x, "input")?;
+        run(py, || Ok(blockwise8::mean(xs)))
+    }
+
+    #[pymodule]
+    #[pyo3(name = "_native")]
+    fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
+        m.add_function(wrap_pyfunction!(code_4bit, m)?)?;
+        m.add_function(wrap_pyfunction!(dynamic_map, m)?)?;
+        m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
+        m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
+        m.add_function(wrap_pyfunction!(quantize_blockwise, m)?)?;
+        m.add_function(wrap_pyfunction!(dequantize_blockwise, m)?)?;
+        m.add_function(wrap_pyfunction!(mean_f32, m)?)?;
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        Ok(())
+    }
+}

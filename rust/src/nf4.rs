@@ -1,0 +1,638 @@
+//! Blockwise 4-bit (NF4 / FP4) quantization and dequantization
+//! (../shared/FORMATS.md §2). Layout: block b holds flat elements
+//! [b*bs, min((b+1)*bs, n)); element e goes to byte e/2, even e in the high
+//! nibble; an odd n pads the last low nibble with the code of 0.0.
+
+use rayon::prelude::*;
+
+use crate::codebook::{encode_fp4, encode_nf4, QuantType};
+use crate::cpu::{self, Isa};
+use crate::elem::{DType, Elem};
+use crate::error::{invalid, Error, Result};
+use crate::{parallel, scale};
+
+/// Block sizes bitsandbytes accepts for 4-bit quantization.
+pub const BLOCK_SIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
+
+/// Elements per inner tile; every block size is a multiple of it.
+const TILE: usize = 32;
+
+pub fn check_blocksize(blocksize: usize) -> Result<()> {
+    if BLOCK_SIZES.contains(&blocksize) {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "blocksize must be one of {BLOCK_SIZES:?}, got {blocksize}"
+        )))
+    }
+}
+
+/// Per-block scales (absmax) of a 4-bit tensor: plain float32, or
+/// double-quantized (8-bit codes on a 256-entry map, float32 scale per
+/// `blocksize2` codes, plus a float32 offset).
+#[derive(Clone, Copy)]
+pub enum Scales<'a> {
+    Plain(&'a [f32]),
+    Nested(Nested<'a>),
+}
+
+/// Double-quantized scales: absmax[b] = code[qabsmax[b]] * absmax2[b / blocksize2] + offset,
+/// two float32 roundings (multiply, then add) exactly as bitsandbytes does.
+#[derive(Clone, Copy)]
+pub struct Nested<'a> {
+    pub qabsmax: &'a [u8],
+    pub absmax2: &'a [f32],
+    pub code: &'a [f32; 256],
+    pub offset: f32,
+    pub blocksize2: usize,
+}
+
+impl Scales<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Scales::Plain(a) => a.len(),
+            Scales::Nested(n) => n.qabsmax.len(),
+        }
+    }
+
+    fn check(&self, n_blocks: usize) -> Result<()> {
+        if self.len() != n_blocks {
+            return Err(invalid(format!(
+                "expected {n_blocks} block scales, got {}",
+                self.len()
+            )));
+        }
+        if let Scales::Nested(n) = self {
+            if n.blocksize2 == 0 {
+                return Err(invalid("nested blocksize must be positive"));
+            }
+            let need = n.qabsmax.len().div_ceil(n.blocksize2);
+            if n.absmax2.len() != need {
+                return Err(invalid(format!(
+                    "expected {need} nested scales for {} codes in blocks of {}, got {}",
+                    n.qabsmax.len(),
+                    n.blocksize2,
+                    n.absmax2.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn get(&self, b: usize) -> f32 {
+        match self {
+            Scales::Plain(a) => a[b],
+            Scales::Nested(n) => {
+                n.code[n.qabsmax[b] as usize] * n.absmax2[b / n.blocksize2] + n.offset
+            }
+        }
+    }
+}
+
+/// Bytes of packed output for `n` elements.
+pub fn packed_len(n: usize) -> usize {
+    n.div_ceil(2)
+}
+
+// ---------------------------------------------------------------- quantize
+
+/// Largest |x| of a block as float32, or None if the block is not finite.
+#[inline(always)]
+fn block_absmax<T: Elem>(x: &[T]) -> Option<f32> {
+    // |x| as bits orders like |x|; NaN and infinity sort above every finite value.
+    let m = x.iter().fold(0u32, |m, v| m.max(v.abs_bits()));
+    (m < T::NONFINITE_ABS_BITS).then(|| T::abs_bits_to_f32(m))
+}
+
+#[inline(always)]
+fn encode_tile(qt: QuantType, scaled: &[f32; TILE]) -> [u8; TILE / 2] {
+    let mut codes = [0u8; TILE];
+    match qt {
+        QuantType::Nf4 => {
+            for (c, &s) in codes.iter_mut().zip(scaled) {
+                *c = encode_nf4(s);
+            }
+        }
+        QuantType::Fp4 => {
+            for (c, &s) in codes.iter_mut().zip(scaled) {
+                *c = encode_fp4(s);
+            }
+        }
+    }
+    let mut packed = [0u8; TILE / 2];
+    for (j, p) in packed.iter_mut().enumerate() {
+        *p = (codes[2 * j] << 4) | codes[2 * j + 1];
+    }
+    packed
+}
+
+#[inline(always)]
+fn quantize_block<T: Elem>(x: &[T], qt: QuantType, bs: usize, out: &mut [u8]) -> Option<f32> {
+    let absmax = block_absmax(x)?;
+    let rule = match qt {
+        QuantType::Nf4 => scale::cpu_rule(absmax, x.len() < bs),
+        QuantType::Fp4 => scale::cuda_rule(absmax),
+    };
+    for (xt, ot) in x.chunks(TILE).zip(out.chunks_mut(TILE / 2)) {
+        // A short last tile is padded with 0.0, which encodes as the code of 0.
+        let mut f = [0.0f32; TILE];
+        for (d, s) in f.iter_mut().zip(xt) {
+            *d = s.to_f32();
+        }
+        let mut scaled = [0.0f32; TILE];
+        scale::apply(rule, &f, &mut scaled);
+        let packed = encode_tile(qt, &scaled);
+        ot.copy_from_slice(&packed[..ot.len()]);
+    }
+    Some(absmax)
+}
+
+/// Quantize whole blocks; `first` is the flat index of x[0] (for errors).
+#[inline(always)]
+fn quantize_chunk<T: Elem>(
+    x: &[T],
+    qt: QuantType,
+    bs: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+    first: usize,
+) -> Result<()> {
+    for (b, (xb, pb)) in x.chunks(bs).zip(packed.chunks_mut(bs / 2)).enumerate() {
+        match quantize_block(xb, qt, bs, pb) {
+            Some(a) => absmax[b] = a,
+            None => return Err(Error::NonFinite { index: first + b * bs }),
+        }
+    }
+    Ok(())
+}
+
+// The generic Rust compiled for AVX2 (LLVM vectorizes the inlined loops);
+// AVX-512 has a hand-written encoder in `x86`. The caller picks at run time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_chunk_avx2<T: Elem>(
+    x: &[T],
+    qt: QuantType,
+    bs: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+    first: usize,
+) -> Result<()> {
+    quantize_chunk(x, qt, bs, packed, absmax, first)
+}
+
+fn quantize_chunk_isa<T: Elem>(
+    isa: Isa,
+    x: &[T],
+    qt: QuantType,
+    bs: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+    first: usize,
+) -> Result<()> {
+    match isa {
+        // SAFETY: `isa` never exceeds cpu::best(), so the CPU has these features.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::quantize_chunk_avx512(x, qt, bs, packed, absmax, first) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { quantize_chunk_avx2(x, qt, bs, packed, absmax, first) },
+        _ => quantize_chunk(x, qt, bs, packed, absmax, first),
+    }
+}
+
+/// Blockwise 4-bit quantization of a flat tensor with the best instruction set.
+///
+/// `packed` must hold `ceil(n/2)` bytes and `absmax` `ceil(n/bs)` floats.
+/// A NaN or infinity anywhere is an error (nothing sensible can be encoded).
+pub fn quantize_4bit<T: Elem>(
+    x: &[T],
+    qt: QuantType,
+    blocksize: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+    threads: usize,
+) -> Result<()> {
+    quantize_4bit_isa(cpu::best(), x, qt, blocksize, packed, absmax, threads)
+}
+
+/// As [`quantize_4bit`] on a chosen instruction set (for tests and benches).
+pub fn quantize_4bit_isa<T: Elem>(
+    isa: Isa,
+    x: &[T],
+    qt: QuantType,
+    blocksize: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+    threads: usize,
+) -> Result<()> {
+    check_blocksize(blocksize)?;
+    let isa = isa.min(cpu::best());
+    let n = x.len();
+    let n_blocks = n.div_ceil(blocksize);
+    if packed.len() != packed_len(n) {
+        return Err(invalid(format!(
+            "packed output must have {} bytes for {n} elements, got {}",
+            packed_len(n),
+            packed.len()
+        )));
+    }
+    if absmax.len() != n_blocks {
+        return Err(invalid(format!(
+            "absmax output must have {n_blocks} entries, got {}",
+            absmax.len()
+        )));
+    }
+    let per_task = parallel::blocks_per_task(n_blocks, blocksize, threads);
+    if threads <= 1 || n_blocks <= per_task {
+        return quantize_chunk_isa(isa, x, qt, blocksize, packed, absmax, 0);
+    }
+    let elems = per_task * blocksize;
+    let first_error = parallel::pool(threads).install(|| {
+        x.par_chunks(elems)
+            .zip(packed.par_chunks_mut(elems / 2))
+            .zip(absmax.par_chunks_mut(per_task))
+            .enumerate()
+            .filter_map(|(i, ((xs, ps), am))| {
+                quantize_chunk_isa(isa, xs, qt, blocksize, ps, am, i * elems).err()
+            })
+            .min_by_key(|e| match e {
+                Error::NonFinite { index } => *index,
+                _ => 0,
+            })
+    });
+    first_error.map_or(Ok(()), Err)
+}
+
+// -------------------------------------------------------------- dequantize
+
+/// Scalar dequantization of up to one tile; the reference for the SIMD paths.
+#[inline(always)]
+fn dequant_tile_scalar<T: Elem>(p: &[u8], table: &[f32; 16], s: f32, out: &mut [T]) {
+    for (pair, &byte) in out.chunks_mut(2).zip(p) {
+        pair[0] = T::from_f32(table[(byte >> 4) as usize] * s);
+        if let Some(o) = pair.get_mut(1) {
+            *o = T::from_f32(table[(byte & 15) as usize] * s);
+        }
+    }
+}
+
+#[inline(always)]
+fn dequant_chunk_scalar<T: Elem>(
+    packed: &[u8],
+    scales: &Scales,
+    first_block: usize,
+    table: &[f32; 16],
+    bs: usize,
+    out: &mut [T],
+) {
+    for (b, (ob, pb)) in out.chunks_mut(bs).zip(packed.chunks(bs / 2)).enumerate() {
+        let s = scales.get(first_block + b);
+        for (ot, pt) in ob.chunks_mut(TILE).zip(pb.chunks(TILE / 2)) {
+            dequant_tile_scalar(pt, table, s, ot);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! Hand-written dequantization tiles: the 16-entry code book sits in
+    //! registers and a permute does the lookup (one vpermps per 16 values on
+    //! AVX-512, two permutes and a blend per 8 on AVX2).
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn load16_avx512<T: Elem>(p: *const T) -> __m512 {
+        match T::DTYPE {
+            DType::F32 => _mm512_loadu_ps(p as *const f32),
+            DType::BF16 => {
+                let h = _mm256_loadu_si256(p as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+            }
+            DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+        }
+    }
+
+    /// Codes of 16 scaled values as i32 lanes, by a 4-step (NF4) or 3-step
+    /// (FP4 on |x|) branch-free search over the thresholds held in a register.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn encode16_avx512(qt: QuantType, x: __m512, thresholds: __m512) -> __m512i {
+        match qt {
+            QuantType::Nf4 => {
+                let mut idx = _mm512_setzero_si512();
+                for step in [8, 4, 2, 1] {
+                    let probe = _mm512_add_epi32(idx, _mm512_set1_epi32(step - 1));
+                    let t = _mm512_permutexvar_ps(probe, thresholds);
+                    let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, t);
+                    idx = _mm512_mask_add_epi32(idx, above, idx, _mm512_set1_epi32(step));
+                }
+                idx
+            }
+            QuantType::Fp4 => {
+                let sign = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_setzero_ps());
+                let a = _mm512_abs_ps(x);
+                let mut rank = _mm512_setzero_si512();
+                for step in [4, 2, 1] {
+                    let probe = _mm512_add_epi32(rank, _mm512_set1_epi32(step - 1));
+                    let t = _mm512_permutexvar_ps(probe, thresholds);
+                    let above = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, t);
+                    rank = _mm512_mask_add_epi32(rank, above, rank, _mm512_set1_epi32(step));
+                }
+                let two = _mm512_and_si512(rank, _mm512_set1_epi32(2));
+                let code = _mm512_xor_si512(rank, _mm512_slli_epi32(two, 1));
+                _mm512_mask_or_epi32(code, sign, code, _mm512_set1_epi32(8))
+            }
+        }
+    }
+
+    /// 16 codes (i32 lanes) -> 8 packed bytes, even element in the high nibble.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pack16_avx512(codes: __m512i) -> __m128i {
+        let odd = _mm512_srli_epi64(codes, 32);
+        let pairs = _mm512_or_si512(_mm512_slli_epi64(codes, 4), odd);
+        _mm512_cvtepi64_epi8(pairs)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_chunk_avx512<T: Elem>(
+        x: &[T],
+        qt: QuantType,
+        bs: usize,
+        packed: &mut [u8],
+        absmax: &mut [f32],
+        first: usize,
+    ) -> Result<()> {
+        let mut th = [f32::INFINITY; 16];
+        match qt {
+            QuantType::Nf4 => th[..15].copy_from_slice(&crate::codebook::NF4_MIDPOINTS),
+            QuantType::Fp4 => th[..7].copy_from_slice(&crate::codebook::FP4_THRESHOLDS),
+        }
+        let thresholds = _mm512_loadu_ps(th.as_ptr());
+        for (b, (xb, pb)) in x.chunks(bs).zip(packed.chunks_mut(bs / 2)).enumerate() {
+            let Some(a) = block_absmax(xb) else {
+                return Err(Error::NonFinite { index: first + b * bs });
+            };
+            absmax[b] = a;
+            let rule = match qt {
+                QuantType::Nf4 => scale::cpu_rule(a, xb.len() < bs),
+                QuantType::Fp4 => scale::cuda_rule(a),
+            };
+            let full = xb.len() / TILE;
+            for k in 0..full {
+                let p = xb.as_ptr().add(k * TILE);
+                let (v0, v1) = (load16_avx512(p), load16_avx512(p.add(16)));
+                let (s0, s1) = match rule {
+                    scale::Scale::Mul(m) => {
+                        let m = _mm512_set1_ps(m);
+                        (_mm512_mul_ps(v0, m), _mm512_mul_ps(v1, m))
+                    }
+                    scale::Scale::Div(d) => {
+                        let d = _mm512_set1_ps(d);
+                        (_mm512_div_ps(v0, d), _mm512_div_ps(v1, d))
+                    }
+                };
+                let lo = pack16_avx512(encode16_avx512(qt, s0, thresholds));
+                let hi = pack16_avx512(encode16_avx512(qt, s1, thresholds));
+                let bytes = _mm_unpacklo_epi64(lo, hi);
+                _mm_storeu_si128(pb.as_mut_ptr().add(k * TILE / 2) as *mut __m128i, bytes);
+            }
+            if full * TILE < xb.len() {
+                // The short tail of a partial last block: the generic code.
+                let mut f = [0.0f32; TILE];
+                for (d, s) in f.iter_mut().zip(&xb[full * TILE..]) {
+                    *d = s.to_f32();
+                }
+                let mut scaled = [0.0f32; TILE];
+                scale::apply(rule, &f, &mut scaled);
+                let bytes = encode_tile(qt, &scaled);
+                let ot = &mut pb[full * TILE / 2..];
+                let n = ot.len();
+                ot.copy_from_slice(&bytes[..n]);
+            }
+        }
+        Ok(())
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn store16_avx512<T: Elem>(v: __m512, out: *mut T) {
+        match T::DTYPE {
+            DType::F32 => _mm512_storeu_ps(out as *mut f32, v),
+            DType::BF16 => {
+                let bits = _mm512_castps_si512(v);
+                let lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+                let rounded = _mm512_srli_epi32(
+                    _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb),
+                    16,
+                );
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+                let r = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
+                _mm256_storeu_si256(out as *mut __m256i, _mm512_cvtepi32_epi16(r));
+            }
+            DType::F16 => {
+                let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                _mm256_storeu_si256(out as *mut __m256i, h);
+            }
+        }
+    }
+
+    /// 16 packed bytes -> 32 values. `p` must have 16 readable bytes, `out` 32 slots.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn tile_avx512<T: Elem>(p: *const u8, table: __m512, s: __m512, out: *mut T) {
+        let bytes = _mm_loadu_si128(p as *const __m128i);
+        let mask = _mm_set1_epi8(0x0f);
+        let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+        let lo = _mm_and_si128(bytes, mask);
+        // Interleave so nibble order equals element order (high nibble first).
+        let first = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo));
+        let second = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo));
+        let v0 = _mm512_mul_ps(_mm512_permutexvar_ps(first, table), s);
+        let v1 = _mm512_mul_ps(_mm512_permutexvar_ps(second, table), s);
+        store16_avx512(v0, out);
+        store16_avx512(v1, out.add(16));
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn dequant_chunk_avx512<T: Elem>(
+        packed: &[u8],
+        scales: &Scales,
+        first_block: usize,
+        table: &[f32; 16],
+        bs: usize,
+        out: &mut [T],
+    ) {
+        let t = _mm512_loadu_ps(table.as_ptr());
+        for (b, (ob, pb)) in out.chunks_mut(bs).zip(packed.chunks(bs / 2)).enumerate() {
+            let scale = scales.get(first_block + b);
+            let s = _mm512_set1_ps(scale);
+            let full = ob.len() / TILE;
+            for k in 0..full {
+                tile_avx512(pb.as_ptr().add(k * TILE / 2), t, s, ob.as_mut_ptr().add(k * TILE));
+            }
+            if full * TILE < ob.len() {
+                dequant_tile_scalar(&pb[full * TILE / 2..], table, scale, &mut ob[full * TILE..]);
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn store8_avx2<T: Elem>(v: __m256, out: *mut T) {
+        match T::DTYPE {
+            DType::F32 => _mm256_storeu_ps(out as *mut f32, v),
+            DType::BF16 => {
+                let bits = _mm256_castps_si256(v);
+                let lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+                let rounded = _mm256_srli_epi32(
+                    _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb),
+                    16,
+                );
+                let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+                let r = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
+                // Pack 8 x u32 (each < 2^16) to 8 x u16.
+                let lo = _mm256_castsi256_si128(r);
+                let hi = _mm256_extracti128_si256::<1>(r);
+                _mm_storeu_si128(out as *mut __m128i, _mm_packus_epi32(lo, hi));
+            }
+            DType::F16 => {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                _mm_storeu_si128(out as *mut __m128i, h);
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn lookup8_avx2(idx: __m256i, t_lo: __m256, t_hi: __m256) -> __m256 {
+        let a = _mm256_permutevar8x32_ps(t_lo, idx);
+        let b = _mm256_permutevar8x32_ps(t_hi, idx);
+        // Bit 3 of the code moved to the sign bit selects the upper half.
+        let sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+        _mm256_blendv_ps(a, b, sel)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile_avx2<T: Elem>(p: *const u8, t_lo: __m256, t_hi: __m256, s: __m256, out: *mut T) {
+        let bytes = _mm_loadu_si128(p as *const __m128i);
+        let mask = _mm_set1_epi8(0x0f);
+        let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+        let lo = _mm_and_si128(bytes, mask);
+        let first = _mm_unpacklo_epi8(hi, lo);
+        let second = _mm_unpackhi_epi8(hi, lo);
+        let parts = [
+            _mm256_cvtepu8_epi32(first),
+            _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(first)),
+            _mm256_cvtepu8_epi32(second),
+            _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(second)),
+        ];
+        for (k, idx) in parts.into_iter().enumerate() {
+            store8_avx2(_mm256_mul_ps(lookup8_avx2(idx, t_lo, t_hi), s), out.add(8 * k));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dequant_chunk_avx2<T: Elem>(
+        packed: &[u8],
+        scales: &Scales,
+        first_block: usize,
+        table: &[f32; 16],
+        bs: usize,
+        out: &mut [T],
+    ) {
+        let t_lo = _mm256_loadu_ps(table.as_ptr());
+        let t_hi = _mm256_loadu_ps(table.as_ptr().add(8));
+        for (b, (ob, pb)) in out.chunks_mut(bs).zip(packed.chunks(bs / 2)).enumerate() {
+            let scale = scales.get(first_block + b);
+            let s = _mm256_set1_ps(scale);
+            let full = ob.len() / TILE;
+            for k in 0..full {
+                tile_avx2(pb.as_ptr().add(k * TILE / 2), t_lo, t_hi, s, ob.as_mut_ptr().add(k * TILE));
+            }
+            if full * TILE < ob.len() {
+                dequant_tile_scalar(&pb[full * TILE / 2..], table, scale, &mut ob[full * TILE..]);
+            }
+        }
+    }
+}
+
+fn dequant_chunk_isa<T: Elem>(
+    isa: Isa,
+    packed: &[u8],
+    scales: &Scales,
+    first_block: usize,
+    table: &[f32; 16],
+    bs: usize,
+    out: &mut [T],
+) {
+    // The chunk invariants hold by construction: `out` covers whole blocks
+    // starting at `first_block`, and `packed` has ceil(out.len()/2) bytes.
+    debug_assert_eq!(packed.len(), packed_len(out.len()));
+    match isa {
+        // SAFETY: `isa` never exceeds cpu::best(); every full tile reads 16
+        // bytes and writes 32 values inside the slices checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::dequant_chunk_avx512(packed, scales, first_block, table, bs, out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::dequant_chunk_avx2(packed, scales, first_block, table, bs, out) },
+        _ => dequant_chunk_scalar(packed, scales, first_block, table, bs, out),
+    }
+}
+
+/// Blockwise 4-bit dequantization: out[e] = table[code(e)] * absmax[e / bs],
+/// computed in float32 and rounded to the output type.
+pub fn dequantize_4bit<T: Elem>(
+    packed: &[u8],
+    scales: Scales,
+    qt: QuantType,
+    blocksize: usize,
+    out: &mut [T],
+    threads: usize,
+) -> Result<()> {
+    dequantize_4bit_isa(cpu::best(), packed, scales, qt, blocksize, out, threads)
+}
+
+/// As [`dequantize_4bit`] on a chosen instruction set (for tests and benches).
+pub fn dequantize_4bit_isa<T: Elem>(
+    isa: Isa,
+    packed: &[u8],
+    scales: Scales,
+    qt: QuantType,
+    blocksize: usize,
+    out: &mut [T],
+    threads: usize,
+) -> Result<()> {
+    check_blocksize(blocksize)?;
+    let isa = isa.min(cpu::best());
+    let n = out.len();
+    let n_blocks = n.div_ceil(blocksize);
+    if packed.len() != packed_len(n) {
+        return Err(invalid(format!(
+            "packed input must have {} bytes for {n} elements, got {}",
+            packed_len(n),
+            packed.len()
+        )));
+    }
+    scales.check(n_blocks)?;
+    let table = qt.table();
+    let per_task = parallel::blocks_per_task(n_blocks, blocksize, threads);
+    if threads <= 1 || n_blocks <= per_task {
+        dequant_chunk_isa(isa, packed, &scales, 0, table, blocksize, out);
+        return Ok(());
+    }
+    let elems = per_task * blocksize;
+    parallel::pool(threads).install(|| {
+        out.par_chunks_mut(elems)
+            .zip(packed.par_chunks(elems / 2))
+            .enumerate()
+            .for_each(|(i, (os, ps))| {
+                dequant_chunk_isa(isa, ps, &scales, i * per_task, table, blocksize, os)
+            })
+    });
+    Ok(())
+}
