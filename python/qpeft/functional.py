@@ -430,8 +430,7 @@ def quantize_4bit(
     _native.quantize_4bit(_flat_view(x), dtype, quant_type, blocksize, _flat_view(packed), _flat_view(scales), _threads())
     code = get_4bit_type(quant_type)
     if compress_statistics:
-        # torch's own mean, so the offset matches bitsandbytes to the bit.
-        offset = scales.mean() if n_blocks else torch.tensor(0.0)
+        offset = _scale_mean(scales)
         qscales, state2 = quantize_blockwise(scales, blocksize=NESTED_BLOCKSIZE, _offset=offset)
         state = QuantState(
             absmax=qscales,
@@ -453,6 +452,21 @@ def quantize_4bit(
     if quant_storage != torch.uint8:
         packed = _view_storage(packed, quant_storage)
     return packed, state
+
+
+def _scale_mean(scales: torch.Tensor) -> torch.Tensor:
+    """The offset of double quantization: the mean of the block scales.
+
+    torch's own float32 mean, so the offset matches bitsandbytes to the bit;
+    where that sum overflows (scales near float32's maximum) the mean is taken
+    in float64 instead of storing an infinite offset.
+    """
+    if scales.numel() == 0:
+        return torch.tensor(0.0)
+    mean = scales.mean()
+    if not torch.isfinite(mean):
+        mean = scales.double().mean().float()
+    return mean
 
 
 def _view_storage(packed: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
@@ -571,7 +585,7 @@ def quantize_blockwise(
         _flat_view(x), dtype, _flat_view(code), blocksize, _flat_view(q), _flat_view(scales), _threads(), offset
     )
     if nested:
-        off = scales.mean() if scales.numel() else torch.tensor(0.0)
+        off = _scale_mean(scales)
         qscales, state2 = quantize_blockwise(scales, blocksize=blocksize, _offset=off)
         state = QuantState(absmax=qscales, code=code.clone(), blocksize=blocksize, dtype=A.dtype, offset=off, state2=state2)
     else:

@@ -259,3 +259,94 @@ pub fn double_quantize(
 ) -> Result<()> {
     quantize_blockwise(absmax, offset, code, NESTED_BLOCKSIZE, qabsmax, absmax2, threads)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dynamic_map::{dynamic_signed, dynamic_unsigned};
+
+    /// The nearest code by brute force, ties to the even index.
+    fn nearest(values: &[f32; 256], x: f32) -> u8 {
+        let mut best = 0usize;
+        for k in 1..256 {
+            let mid = (values[k - 1] + values[k]) * 0.5;
+            if x > mid || (x == mid && k % 2 == 0) {
+                best = k;
+            }
+        }
+        best as u8
+    }
+
+    #[test]
+    fn maps_are_sorted_with_zero_and_one() {
+        let s = dynamic_signed();
+        assert_eq!(s[127], 0.0);
+        assert_eq!(s[255], 1.0);
+        assert!(s.windows(2).all(|w| w[0] < w[1]));
+        let u = dynamic_unsigned();
+        assert_eq!(u[0], 0.0);
+        assert_eq!(u[255], 1.0);
+        assert!(u.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn encode_is_nearest_with_ties_to_even() {
+        for values in [dynamic_signed(), dynamic_unsigned()] {
+            let code = Code8::new(values).unwrap();
+            for k in 0..256 {
+                assert_eq!(code.encode(values[k]) as usize, k);
+                if k < 255 {
+                    let mid = (values[k] + values[k + 1]) * 0.5;
+                    let expect = if k % 2 == 0 { k } else { k + 1 };
+                    assert_eq!(code.encode(mid) as usize, expect, "tie at {k}");
+                    assert_eq!(code.encode(mid.next_up()) as usize, k + 1);
+                    assert_eq!(code.encode(mid.next_down()) as usize, k);
+                }
+            }
+            for i in -3000..=3000 {
+                let x = i as f32 / 2500.0;
+                assert_eq!(code.encode(x), nearest(&values, x), "x={x}");
+            }
+            assert_eq!(code.encode(f32::NAN), 0);
+        }
+    }
+
+    #[test]
+    fn roundtrip_and_offset() {
+        let code = Code8::new(dynamic_signed()).unwrap();
+        let x: Vec<f32> = (0..1000).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.03 + 2.0).collect();
+        for threads in [1, 2] {
+            let mut q = vec![0u8; x.len()];
+            let mut a = vec![0f32; x.len().div_ceil(64)];
+            quantize_blockwise(&x, 2.0, &code, 64, &mut q, &mut a, threads).unwrap();
+            let mut out = vec![0f32; x.len()];
+            dequantize_blockwise(&q, &a, 2.0, &code.values, 64, &mut out, threads).unwrap();
+            for (e, (&v, &o)) in x.iter().zip(&out).enumerate() {
+                // The widest gap of the signed map is about 0.0148 of absmax.
+                assert!((v - o).abs() <= 0.0075 * a[e / 64] + 1e-6, "{v} -> {o}");
+            }
+        }
+    }
+
+    #[test]
+    fn zero_block_and_bad_input() {
+        let code = Code8::new(dynamic_signed()).unwrap();
+        let x = vec![0.0f32; 100];
+        let mut q = vec![0u8; 100];
+        let mut a = vec![1f32; 2];
+        quantize_blockwise(&x, 0.0, &code, 64, &mut q, &mut a, 1).unwrap();
+        assert!(q.iter().all(|&c| c == 127));
+        assert_eq!(a, vec![0.0, 0.0]);
+        let mut bad = x.clone();
+        bad[70] = f32::NAN;
+        assert_eq!(
+            quantize_blockwise(&bad, 0.0, &code, 64, &mut q, &mut a, 1),
+            Err(Error::NonFinite { index: 64 })
+        );
+        assert!(quantize_blockwise(&x, 0.0, &code, 48, &mut q, &mut a, 1).is_err());
+        assert!(quantize_blockwise(&x, 0.0, &code, 64, &mut q[..99], &mut a, 1).is_err());
+        let mut unsorted = dynamic_signed();
+        unsorted.swap(3, 4);
+        assert!(Code8::new(unsorted).is_err());
+    }
+}
