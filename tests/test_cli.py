@@ -192,7 +192,8 @@ def test_saved_state_dequantizes_like_the_in_memory_run(tiny_quantized, tiny_mod
         saved_state = qpeft.QuantState.from_dict({k: v for k, v in sd.items() if k.startswith(prefix)})
         assert saved_state == state
         assert torch.equal(sd[f"{name}.weight"], packed)
-        assert torch.equal(qpeft.dequantize_4bit(sd[f"{name}.weight"], saved_state), qpeft.dequantize_4bit(packed, state))
+        saved = qpeft.dequantize_4bit(sd[f"{name}.weight"], saved_state)
+        assert torch.equal(saved, qpeft.dequantize_4bit(packed, state))
 
 
 def test_no_double_quant_and_fp4(tiny_model, tmp_path):
@@ -218,21 +219,19 @@ def test_rerun_replaces_own_output(tiny_model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]
 
 
-def test_transformers_with_bitsandbytes_loads_the_output(tiny_quantized, tiny_model):
+def test_transformers_with_bitsandbytes_loads_the_output(tiny_quantized, bnb):
     """FORMATS.md §4: the checkpoint is a regular bitsandbytes 4-bit checkpoint."""
-    pytest.importorskip("bitsandbytes")
-    import bitsandbytes as bnb
+    import bitsandbytes
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_quantized, device_map="cpu")
     layer = model.model.layers[1].mlp.down_proj
-    assert isinstance(layer, bnb.nn.Linear4bit)
+    assert isinstance(layer, bitsandbytes.nn.Linear4bit)
     sd = _read_safetensors(tiny_quantized / "model.safetensors")
     prefix = "model.layers.1.mlp.down_proj.weight"
-    ours = qpeft.dequantize_4bit(
-        sd[prefix], qpeft.QuantState.from_dict({k: v for k, v in sd.items() if k.startswith(prefix + ".")})
-    )
-    theirs = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    state = qpeft.QuantState.from_dict({k: v for k, v in sd.items() if k.startswith(prefix + ".")})
+    ours = qpeft.dequantize_4bit(sd[prefix], state)
+    theirs = bnb.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     assert torch.equal(ours, theirs.to(ours.dtype))
 
 

@@ -398,7 +398,10 @@ def _format_report(r: dict) -> str:
         ("time", f"{r['quantize_seconds']:.3f} s quantize = {r['mparams_per_s']:.1f} M params/s "
          f"({r['threads']} threads, {r['cpu_isa']}); {r['dequantize_seconds']:.3f} s dequantize"),
     ]
-    header = [f"qpeft quantize: {r['model']} ({r['architecture']}, {dtype})", f"  {r['quant_type']}, blocksize {r['blocksize']}, {dq}"]
+    header = [
+        f"qpeft quantize: {r['model']} ({r['architecture']}, {dtype})",
+        f"  {r['quant_type']}, blocksize {r['blocksize']}, {dq}",
+    ]
     return "\n".join(header + [_row(label, value) for label, value in rows])
 
 
