@@ -295,6 +295,13 @@ def speedup(rows: list[Row], row: Row) -> Optional[float]:
     return row.timing.median_s / base
 
 
+def kernel_speedup(rows: list[Row]) -> Optional[float]:
+    """bitsandbytes' dequantize (it has no CPU out= path) over qpeft's into a preallocated out=."""
+    peer = find(rows, "dequantize", "bnb", "alloc").timing.median_s
+    ours = find(rows, "dequantize", "qpeft", "out=").timing.median_s
+    return None if peer is None or ours is None else peer / ours
+
+
 def copy_fraction(row: Row, bw: float) -> Optional[float]:
     if row.bytes_moved is None or row.timing.median_s is None:
         return None
@@ -364,13 +371,17 @@ def targets(cases: list[dict[str, Any]], bw: dict[int, dict[str, float]]) -> lis
         return min(values) if values else (None, "no data")
 
     dq_bnb = worst((speedup(c["rows"], find(c["rows"], "dequantize", "bnb", "alloc")), label(c)) for c in cases)
+    dq_kernel = worst((kernel_speedup(c["rows"]), label(c)) for c in cases)
     dq_bw = worst(
         (copy_fraction(find(c["rows"], "dequantize", "qpeft", "out="), bw[c["threads"]]["bytes_per_s"]), label(c))
         for c in cases
     )
     q_bnb = worst((speedup(c["rows"], find(c["rows"], "quantize", "bnb", "alloc")), label(c)) for c in cases)
     spec = [
-        ("dequantize >= 3x bitsandbytes", dq_bnb, 3.0, "x", "alloc vs alloc; bnb has no CPU out= kernel"),
+        ("dequantize >= 3x bitsandbytes", dq_kernel, 3.0, "x",
+         "qpeft into out= (how its layers use it) vs bnb's only CPU call, which allocates"),
+        ("dequantize >= 3x bitsandbytes, both alloc", dq_bnb, 3.0, "x",
+         "fresh output each call: bounded by the OS zeroing new pages"),
         ("dequantize >= 50% of copy bandwidth", dq_bw, 0.5, "%", "qpeft dequantize into out="),
         ("quantize >= 20x bitsandbytes", q_bnb, 20.0, "x", "both with compress_statistics=True"),
     ]
@@ -412,7 +423,7 @@ def print_summary(cases, bw, checked) -> None:
         shown = "n/a" if v is None else (f"{100 * v:.1f}%" if t["unit"] == "%" else f"{v:.2f}x")
         goal = f"{100 * t['goal']:.0f}%" if t["unit"] == "%" else f"{t['goal']:.0f}x"
         verdict = "PASS" if t["pass"] else "FAIL"
-        print(f"  {verdict}  {t['target']:<38} worst {shown:>8} (goal {goal}) at {t['worst_case']}; {t['basis']}")
+        print(f"  {verdict}  {t['target']:<42} worst {shown:>8} (goal {goal}) at {t['worst_case']}; {t['basis']}")
     print()
     print("notes")
     print("  * 'alloc' dequantize includes allocating and first-touching a fresh output tensor on every call;")

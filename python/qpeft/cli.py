@@ -174,6 +174,7 @@ class QuantizeRun:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    """``qpeft quantize``: validate everything cheap first, then load, quantize, report, save."""
     if args.blocksize not in BLOCK_SIZES:
         raise UsageError(f"--blocksize must be one of {', '.join(map(str, BLOCK_SIZES))}, got {args.blocksize}")
     if args.threads is not None:
@@ -236,7 +237,10 @@ def _quantizable_linears(model: torch.nn.Module) -> tuple[list[tuple[str, torch.
             # A weight tied to the embeddings would be quantized twice over.
             or module.weight.untyped_storage().data_ptr() == emb_ptr
         )
-        (skipped.append(name) if is_head else chosen.append((name, module)))
+        if is_head:
+            skipped.append(name)
+        else:
+            chosen.append((name, module))
     return chosen, skipped
 
 
@@ -387,13 +391,15 @@ def _format_report(r: dict) -> str:
         ("quantized linear layers", f"{r['layers']} ({r['params'] / 1e6:.2f} M params; "
          f"head kept: {', '.join(r['skipped']) or 'none'})"),
         ("  before", f"{_size(r['bytes_before'])} {dtype} | {_size(r['bytes_before_bf16'])} bfloat16"),
-        ("  after", f"{_size(r['bytes_after'])} (packed {_size(r['packed_bytes'])} + scales {_size(r['state_bytes'])})"),
+        ("  after", f"{_size(r['bytes_after'])} (packed {_size(r['packed_bytes'])} "
+         f"+ scales {_size(r['state_bytes'])})"),
         ("  bits per parameter", f"{r['bits_per_param']:.4f}"),
         ("whole model", f"{r['model_params'] / 1e6:.2f} M params"),
         ("  before", f"{_size(r['model_bytes_before'])} {dtype} | {_size(r['model_bytes_before_bf16'])} bfloat16"),
         ("  after", f"{_size(r['model_bytes_after'])} (other parameters kept in {dtype})"),
         ("reconstruction error", "of the quantized weights"),
-        ("  relative ||W-Wq||/||W||", f"{r['rel_error']:.4f} overall, worst {worst['rel_error']:.4f} ({worst['name']})"),
+        ("  relative ||W-Wq||/||W||", f"{r['rel_error']:.4f} overall, "
+         f"worst {worst['rel_error']:.4f} ({worst['name']})"),
         ("  mean absolute error", f"{r['mean_abs_error']:.3e}"),
         ("time", f"{r['quantize_seconds']:.3f} s quantize = {r['mparams_per_s']:.1f} M params/s "
          f"({r['threads']} threads, {r['cpu_isa']}); {r['dequantize_seconds']:.3f} s dequantize"),

@@ -223,6 +223,7 @@ pub fn dequantize_blockwise<T: Elem>(
             absmax.len()
         )));
     }
+    crate::memory::advise_hugepages(out);
     let per_task = parallel::blocks_per_task(n_blocks, blocksize, threads);
     if threads <= 1 || n_blocks <= per_task {
         dequantize_chunk(q, absmax, offset, values, blocksize, out);

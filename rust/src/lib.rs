@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod dynamic_map;
 pub mod elem;
 pub mod error;
+pub mod memory;
 pub mod nf4;
 pub mod parallel;
 pub mod scale;
@@ -316,13 +317,6 @@ mod bindings {
         }))
     }
 
-    /// Mean of float32 values, accumulated in float64.
-    #[pyfunction]
-    fn mean_f32(py: Python<'_>, x: PyReadonlyArray1<'_, f32>) -> PyResult<f32> {
-        let xs = slice(&x, "input")?;
-        run(py, || Ok(blockwise8::mean(xs)))
-    }
-
     #[pymodule]
     #[pyo3(name = "_native")]
     fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -333,7 +327,6 @@ mod bindings {
         m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
         m.add_function(wrap_pyfunction!(quantize_blockwise, m)?)?;
         m.add_function(wrap_pyfunction!(dequantize_blockwise, m)?)?;
-        m.add_function(wrap_pyfunction!(mean_f32, m)?)?;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         Ok(())
     }

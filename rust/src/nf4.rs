@@ -417,10 +417,20 @@ mod x86 {
         Ok(())
     }
 
+    /// Stores 16 values; with `NT`, non-temporal stores (`out` must then be
+    /// 64-byte aligned for float32, 32-byte for 16-bit types).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn store16_avx512<T: Elem>(v: __m512, out: *mut T) {
+    unsafe fn store16_avx512<T: Elem, const NT: bool>(v: __m512, out: *mut T) {
+        let store256 = |p: *mut __m256i, x: __m256i| {
+            if NT {
+                _mm256_stream_si256(p, x)
+            } else {
+                _mm256_storeu_si256(p, x)
+            }
+        };
         match T::DTYPE {
+            DType::F32 if NT => _mm512_stream_ps(out as *mut f32, v),
             DType::F32 => _mm512_storeu_ps(out as *mut f32, v),
             DType::BF16 => {
                 let bits = _mm512_castps_si512(v);
@@ -431,11 +441,11 @@ mod x86 {
                 );
                 let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
                 let r = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
-                _mm256_storeu_si256(out as *mut __m256i, _mm512_cvtepi32_epi16(r));
+                store256(out as *mut __m256i, _mm512_cvtepi32_epi16(r));
             }
             DType::F16 => {
                 let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
-                _mm256_storeu_si256(out as *mut __m256i, h);
+                store256(out as *mut __m256i, h);
             }
         }
     }
@@ -443,7 +453,7 @@ mod x86 {
     /// 16 packed bytes -> 32 values. `p` must have 16 readable bytes, `out` 32 slots.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn tile_avx512<T: Elem>(p: *const u8, table: __m512, s: __m512, out: *mut T) {
+    unsafe fn tile_avx512<T: Elem, const NT: bool>(p: *const u8, table: __m512, s: __m512, out: *mut T) {
         let bytes = _mm_loadu_si128(p as *const __m128i);
         let mask = _mm_set1_epi8(0x0f);
         let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
@@ -453,12 +463,12 @@ mod x86 {
         let second = _mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo));
         let v0 = _mm512_mul_ps(_mm512_permutexvar_ps(first, table), s);
         let v1 = _mm512_mul_ps(_mm512_permutexvar_ps(second, table), s);
-        store16_avx512(v0, out);
-        store16_avx512(v1, out.add(16));
+        store16_avx512::<T, NT>(v0, out);
+        store16_avx512::<T, NT>(v1, out.add(16));
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn dequant_chunk_avx512<T: Elem>(
+    pub(super) unsafe fn dequant_chunk_avx512<T: Elem, const NT: bool>(
         packed: &[u8],
         scales: &Scales,
         first_block: usize,
@@ -472,11 +482,15 @@ mod x86 {
             let s = _mm512_set1_ps(scale);
             let full = ob.len() / TILE;
             for k in 0..full {
-                tile_avx512(pb.as_ptr().add(k * TILE / 2), t, s, ob.as_mut_ptr().add(k * TILE));
+                tile_avx512::<T, NT>(pb.as_ptr().add(k * TILE / 2), t, s, ob.as_mut_ptr().add(k * TILE));
             }
             if full * TILE < ob.len() {
                 dequant_tile_scalar(&pb[full * TILE / 2..], table, scale, &mut ob[full * TILE..]);
             }
+        }
+        if NT {
+            // Make the streaming stores visible before the caller reads the output.
+            _mm_sfence();
         }
     }
 
@@ -561,6 +575,12 @@ mod x86 {
     }
 }
 
+/// Outputs at least this large are written with non-temporal stores: they do
+/// not fit in cache anyway, and streaming skips reading each line before
+/// writing it.
+const STREAM_MIN_BYTES: usize = 32 << 20;
+
+#[allow(clippy::too_many_arguments)]
 fn dequant_chunk_isa<T: Elem>(
     isa: Isa,
     packed: &[u8],
@@ -569,6 +589,7 @@ fn dequant_chunk_isa<T: Elem>(
     table: &[f32; 16],
     bs: usize,
     out: &mut [T],
+    stream: bool,
 ) {
     // The chunk invariants hold by construction: `out` covers whole blocks
     // starting at `first_block`, and `packed` has ceil(out.len()/2) bytes.
@@ -577,7 +598,11 @@ fn dequant_chunk_isa<T: Elem>(
         // SAFETY: `isa` never exceeds cpu::best(); every full tile reads 16
         // bytes and writes 32 values inside the slices checked above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::dequant_chunk_avx512(packed, scales, first_block, table, bs, out) },
+        Isa::Avx512 if stream => unsafe {
+            x86::dequant_chunk_avx512::<T, true>(packed, scales, first_block, table, bs, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::dequant_chunk_avx512::<T, false>(packed, scales, first_block, table, bs, out) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { x86::dequant_chunk_avx2(packed, scales, first_block, table, bs, out) },
         _ => dequant_chunk_scalar(packed, scales, first_block, table, bs, out),
@@ -619,10 +644,14 @@ pub fn dequantize_4bit_isa<T: Elem>(
         )));
     }
     scales.check(n_blocks)?;
+    crate::memory::advise_hugepages(out);
+    // Streaming stores need 64-byte alignment; every chunk starts a whole
+    // number of 32-element tiles (>= 64 bytes) after the start.
+    let stream = std::mem::size_of_val(out) >= STREAM_MIN_BYTES && out.as_ptr() as usize % 64 == 0;
     let table = qt.table();
     let per_task = parallel::blocks_per_task(n_blocks, blocksize, threads);
     if threads <= 1 || n_blocks <= per_task {
-        dequant_chunk_isa(isa, packed, &scales, 0, table, blocksize, out);
+        dequant_chunk_isa(isa, packed, &scales, 0, table, blocksize, out, stream);
         return Ok(());
     }
     let elems = per_task * blocksize;
@@ -631,7 +660,7 @@ pub fn dequantize_4bit_isa<T: Elem>(
             .zip(packed.par_chunks(elems / 2))
             .enumerate()
             .for_each(|(i, (os, ps))| {
-                dequant_chunk_isa(isa, ps, &scales, i * per_task, table, blocksize, os)
+                dequant_chunk_isa(isa, ps, &scales, i * per_task, table, blocksize, os, stream)
             })
     });
     Ok(())
@@ -702,6 +731,22 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn large_outputs_stream_the_same_values() {
+        // Above STREAM_MIN_BYTES the AVX-512 path uses non-temporal stores.
+        let n = STREAM_MIN_BYTES / 4 + 96;
+        let x = data(n, 5, 1.0);
+        let reference = roundtrip(Isa::Scalar, &x, QuantType::Nf4, 64, 2);
+        for isa in cpu::available() {
+            assert!(roundtrip(isa, &x, QuantType::Nf4, 64, 2) == reference, "{isa:?}");
+        }
+        let xb: Vec<Bf16> = data(STREAM_MIN_BYTES / 2 + 32, 6, 1.0).iter().map(|&v| Bf16::from_f32(v)).collect();
+        let reference = roundtrip(Isa::Scalar, &xb, QuantType::Fp4, 128, 2);
+        for isa in cpu::available() {
+            assert!(roundtrip(isa, &xb, QuantType::Fp4, 128, 2) == reference, "{isa:?}");
         }
     }
 
