@@ -10,7 +10,7 @@ _Float = Literal["float32", "float16", "bfloat16"]
 
 __version__: str
 
-def cpu_isa() -> Literal["avx512", "avx2", "scalar"]: ...
+def cpu_isa() -> Literal["avx512", "avx2", "neon", "scalar"]: ...
 def code_4bit(quant_type: Literal["nf4", "fp4"]) -> list[float]: ...
 def dynamic_map(signed: bool) -> list[float]: ...
 def quantize_4bit(
@@ -21,7 +21,7 @@ def quantize_4bit(
     packed: npt.NDArray[np.uint8],
     absmax: npt.NDArray[np.float32],
     threads: int,
-    isa: Optional[Literal["scalar", "avx2", "avx512"]] = None,
+    isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
 ) -> None: ...
 def dequantize_4bit(
     packed: npt.NDArray[np.uint8],
@@ -36,7 +36,7 @@ def dequantize_4bit(
     code2: Optional[npt.NDArray[np.float32]] = None,
     offset: float = 0.0,
     blocksize2: int = 256,
-    isa: Optional[Literal["scalar", "avx2", "avx512"]] = None,
+    isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
 ) -> None: ...
 def quantize_blockwise(
     x: npt.NDArray[np.float32] | npt.NDArray[np.int16],

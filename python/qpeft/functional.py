@@ -58,7 +58,7 @@ _DTYPE_BY_NAME = {v: k for k, v in _FLOAT_DTYPES.items()}
 
 
 def cpu_isa() -> str:
-    """The SIMD instruction set the CPU kernels use here ('avx512', 'avx2' or 'scalar')."""
+    """The SIMD instruction set the CPU kernels use here ('avx512', 'avx2', 'neon' or 'scalar')."""
     return _native.cpu_isa()
 
 

@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::{self, Isa};
+use crate::cpu;
 use crate::elem::Elem;
 use crate::error::{invalid, Error, Result};
 use crate::{parallel, scale};
@@ -158,9 +158,9 @@ pub fn quantize_blockwise<T: Elem>(
     let run = |xs: &[T], os: &mut [u8], am: &mut [f32], first: usize| match isa {
         // SAFETY: cpu::best() reported these features.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { quantize_chunk_avx512(xs, offset, code, blocksize, os, am, first) },
+        cpu::Isa::Avx512 => unsafe { quantize_chunk_avx512(xs, offset, code, blocksize, os, am, first) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { quantize_chunk_avx2(xs, offset, code, blocksize, os, am, first) },
+        cpu::Isa::Avx2 => unsafe { quantize_chunk_avx2(xs, offset, code, blocksize, os, am, first) },
         _ => quantize_chunk(xs, offset, code, blocksize, os, am, first),
     };
     let per_task = parallel::blocks_per_task(n_blocks, blocksize, threads);

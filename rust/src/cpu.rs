@@ -6,6 +6,8 @@ use std::sync::OnceLock;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Scalar,
+    /// aarch64 Advanced SIMD (ranked with AVX2 and AVX-512: never on the same CPU).
+    Neon,
     Avx2,
     Avx512,
 }
@@ -14,6 +16,7 @@ impl Isa {
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
+            Isa::Neon => "neon",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
         }
@@ -41,6 +44,15 @@ fn detect() -> Isa {
             return Isa::Avx2;
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::env::var("QPEFT_FORCE_SCALAR").is_ok_and(|v| v == "1") {
+            return Isa::Scalar;
+        }
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            return Isa::Neon;
+        }
+    }
     Isa::Scalar
 }
 
@@ -52,9 +64,35 @@ pub fn best() -> Isa {
 
 /// Every instruction set this CPU can run, for tests that compare paths.
 pub fn available() -> Vec<Isa> {
-    let best = best();
-    [Isa::Scalar, Isa::Avx2, Isa::Avx512]
-        .into_iter()
-        .filter(|&i| i <= best)
-        .collect()
+    match best() {
+        Isa::Scalar => vec![Isa::Scalar],
+        Isa::Neon => vec![Isa::Scalar, Isa::Neon],
+        Isa::Avx2 => vec![Isa::Scalar, Isa::Avx2],
+        Isa::Avx512 => vec![Isa::Scalar, Isa::Avx2, Isa::Avx512],
+    }
+}
+
+/// `isa` if this CPU can run it, else the scalar path (a request for an
+/// instruction set the CPU lacks must never reach its code).
+pub fn usable(isa: Isa) -> Isa {
+    if available().contains(&isa) {
+        isa
+    } else {
+        Isa::Scalar
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_is_the_widest_available_path() {
+        assert_eq!(available().last().copied(), Some(best()));
+        #[cfg(target_arch = "aarch64")]
+        if std::env::var("QPEFT_FORCE_SCALAR").is_err() {
+            assert_eq!(best(), Isa::Neon); // NEON is part of the aarch64 baseline
+        }
+        assert_eq!(usable(Isa::Avx512), if available().contains(&Isa::Avx512) { Isa::Avx512 } else { Isa::Scalar });
+    }
 }

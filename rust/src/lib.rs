@@ -62,8 +62,9 @@ mod bindings {
             Some("scalar") => Ok(Isa::Scalar),
             Some("avx2") => Ok(Isa::Avx2),
             Some("avx512") => Ok(Isa::Avx512),
+            Some("neon") => Ok(Isa::Neon),
             Some(other) => Err(PyValueError::new_err(format!(
-                "isa must be 'scalar', 'avx2' or 'avx512', got {other:?}"
+                "isa must be 'scalar', 'neon', 'avx2' or 'avx512', got {other:?}"
             ))),
         }
     }

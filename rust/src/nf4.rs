@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::codebook::{encode_fp4, encode_nf4, QuantType};
 use crate::cpu::{self, Isa};
-use crate::elem::{DType, Elem};
+use crate::elem::Elem;
 use crate::error::{invalid, Error, Result};
 use crate::{parallel, scale};
 
@@ -192,7 +192,7 @@ fn quantize_chunk_isa<T: Elem>(
     first: usize,
 ) -> Result<()> {
     match isa {
-        // SAFETY: `isa` never exceeds cpu::best(), so the CPU has these features.
+        // SAFETY: cpu::usable() only passes instruction sets this CPU has.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => unsafe { x86::quantize_chunk_avx512(x, qt, bs, packed, absmax, first) },
         #[cfg(target_arch = "x86_64")]
@@ -227,7 +227,7 @@ pub fn quantize_4bit_isa<T: Elem>(
     threads: usize,
 ) -> Result<()> {
     check_blocksize(blocksize)?;
-    let isa = isa.min(cpu::best());
+    let isa = cpu::usable(isa);
     let n = x.len();
     let n_blocks = n.div_ceil(blocksize);
     if packed.len() != packed_len(n) {
@@ -300,6 +300,7 @@ mod x86 {
     //! registers and a permute does the lookup (one vpermps per 16 values on
     //! AVX-512, two permutes and a blend per 8 on AVX2).
     use super::*;
+    use crate::elem::DType;
     use std::arch::x86_64::*;
 
     #[inline]
@@ -575,6 +576,68 @@ mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    //! NEON dequantization: the 64-byte code book sits in four registers and
+    //! one TBL instruction gathers the bytes of four float32 values.
+    use super::*;
+    use std::arch::aarch64::*;
+
+    /// 16 packed bytes -> 32 float32 values in `out`.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn tile_neon(p: *const u8, table: uint8x16x4_t, s: float32x4_t, out: &mut [f32; TILE]) {
+        let bytes = vld1q_u8(p);
+        let hi = vshrq_n_u8::<4>(bytes);
+        let lo = vandq_u8(bytes, vdupq_n_u8(0x0f));
+        // Codes in element order (high nibble first), times 4 = byte offsets.
+        let codes = [vshlq_n_u8::<2>(vzip1q_u8(hi, lo)), vshlq_n_u8::<2>(vzip2q_u8(hi, lo))];
+        const SPREAD: [[u8; 16]; 4] = [
+            [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3],
+            [4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7],
+            [8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11],
+            [12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15],
+        ];
+        let lane = vld1q_u8([0u8, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3].as_ptr());
+        for (h, c) in codes.iter().enumerate() {
+            for (g, spread) in SPREAD.iter().enumerate() {
+                let idx = vaddq_u8(vqtbl1q_u8(*c, vld1q_u8(spread.as_ptr())), lane);
+                let v = vreinterpretq_f32_u8(vqtbl4q_u8(table, idx));
+                vst1q_f32(out.as_mut_ptr().add(16 * h + 4 * g), vmulq_f32(v, s));
+            }
+        }
+    }
+
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn dequant_chunk_neon<T: Elem>(
+        packed: &[u8],
+        scales: &Scales,
+        first_block: usize,
+        table: &[f32; 16],
+        bs: usize,
+        out: &mut [T],
+    ) {
+        let tp = table.as_ptr() as *const u8;
+        let t = uint8x16x4_t(vld1q_u8(tp), vld1q_u8(tp.add(16)), vld1q_u8(tp.add(32)), vld1q_u8(tp.add(48)));
+        let mut buf = [0.0f32; TILE];
+        for (b, (ob, pb)) in out.chunks_mut(bs).zip(packed.chunks(bs / 2)).enumerate() {
+            let scale = scales.get(first_block + b);
+            let s = vdupq_n_f32(scale);
+            let full = ob.len() / TILE;
+            for k in 0..full {
+                tile_neon(pb.as_ptr().add(k * TILE / 2), t, s, &mut buf);
+                // float32 -> output type with the exact, vectorizable conversions of elem.rs.
+                for (o, &v) in ob[k * TILE..(k + 1) * TILE].iter_mut().zip(&buf) {
+                    *o = T::from_f32(v);
+                }
+            }
+            if full * TILE < ob.len() {
+                dequant_tile_scalar(&pb[full * TILE / 2..], table, scale, &mut ob[full * TILE..]);
+            }
+        }
+    }
+}
+
 /// Outputs at least this large are written with non-temporal stores: they do
 /// not fit in cache anyway, and streaming skips reading each line before
 /// writing it.
@@ -594,9 +657,11 @@ fn dequant_chunk_isa<T: Elem>(
     // The chunk invariants hold by construction: `out` covers whole blocks
     // starting at `first_block`, and `packed` has ceil(out.len()/2) bytes.
     debug_assert_eq!(packed.len(), packed_len(out.len()));
+    let _ = stream; // only the AVX-512 path streams
     match isa {
-        // SAFETY: `isa` never exceeds cpu::best(); every full tile reads 16
-        // bytes and writes 32 values inside the slices checked above.
+        // SAFETY: cpu::usable() only passes instruction sets this CPU has;
+        // every full tile reads 16 bytes and writes 32 values inside the
+        // slices checked above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if stream => unsafe {
             x86::dequant_chunk_avx512::<T, true>(packed, scales, first_block, table, bs, out)
@@ -605,6 +670,8 @@ fn dequant_chunk_isa<T: Elem>(
         Isa::Avx512 => unsafe { x86::dequant_chunk_avx512::<T, false>(packed, scales, first_block, table, bs, out) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { x86::dequant_chunk_avx2(packed, scales, first_block, table, bs, out) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { arm::dequant_chunk_neon(packed, scales, first_block, table, bs, out) },
         _ => dequant_chunk_scalar(packed, scales, first_block, table, bs, out),
     }
 }
@@ -633,7 +700,7 @@ pub fn dequantize_4bit_isa<T: Elem>(
     threads: usize,
 ) -> Result<()> {
     check_blocksize(blocksize)?;
-    let isa = isa.min(cpu::best());
+    let isa = cpu::usable(isa);
     let n = out.len();
     let n_blocks = n.div_ceil(blocksize);
     if packed.len() != packed_len(n) {
