@@ -48,7 +48,8 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(wheel, tmp_path):
     ).stdout.strip()
     deps = [p for p in site.getsitepackages() if "qpeft" not in p]
     Path(purelib, "outer_site.pth").write_text("\n".join(deps) + "\n")
-    subprocess.run([py, "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)], check=True)
+    # --ignore-installed: the qpeft visible through the .pth must not count as installed.
+    subprocess.run([py, "-m", "pip", "install", "--quiet", "--no-deps", "--ignore-installed", str(wheel)], check=True)
     code = (
         "import qpeft, torch, sys;"
         "assert qpeft.__file__.startswith(sys.prefix), qpeft.__file__;"
@@ -58,7 +59,8 @@ def test_wheel_installs_and_imports_in_a_fresh_venv(wheel, tmp_path):
         "print(qpeft.cpu_isa())"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([py, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path, env=env)
+    r = subprocess.run([py, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip() in ("avx512", "avx2", "scalar")
 
 

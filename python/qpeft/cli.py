@@ -117,10 +117,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each message, not as it was at
+    set-up (callers such as pytest replace and later close it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     # Progress goes to stderr so stdout holds only the report.
     if not any(getattr(h, "_qpeft", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("qpeft: %(message)s"))
         handler._qpeft = True  # type: ignore[attr-defined]
         log.addHandler(handler)
