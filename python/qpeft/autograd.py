@@ -1,0 +1,91 @@
+"""Autograd for 4-bit weights: a matmul whose frozen weight is NF4/FP4.
+
+The forward dequantizes the weight into the compute dtype and calls
+``F.linear``; the backward dequantizes again to get the input gradient. Only
+the packed weight (about 4.13 bits per parameter) is saved for backward, never
+a dense copy, so a model's activations plus its 4-bit weights are all that
+training holds. The weight gets no gradient (it is frozen); the bias gets one
+when it requires it.
+
+``torch.compile`` runs this function eagerly: the kernels behind it are
+opaque to dynamo, which breaks the graph around each call (correct, not
+fused).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import functional
+
+__all__ = ["MatMul4bit", "matmul_4bit"]
+
+
+def _dense(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    w = functional.dequantize_4bit(weight, quant_state)
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+class MatMul4bit(torch.autograd.Function):
+    """``y = x @ W.T + bias`` with W stored in 4 bits (bitsandbytes layout)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, quant_state, bias: Optional[torch.Tensor]):
+        w = _dense(weight, quant_state, x.dtype)
+        b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
+        out = F.linear(x, w, b)
+        ctx.quant_state = quant_state
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        # The packed weight only: the dense one is rebuilt in backward.
+        ctx.save_for_backward(weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ _dense(weight, ctx.quant_state, grad_out.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, None, None, grad_bias
+
+
+def matmul_4bit(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_state,
+    bias: Optional[torch.Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for a 4-bit ``weight`` described by ``quant_state``.
+
+    Args:
+        x: input of shape ``[..., in_features]``.
+        weight: packed uint8 codes from :func:`qpeft.quantize_4bit`.
+        quant_state: its :class:`qpeft.QuantState` (shape ``(out_features, in_features)``).
+        bias: optional ``[out_features]`` bias.
+        compute_dtype: dtype of the matmul; default: the autocast dtype under
+            ``torch.autocast``, else ``x``'s dtype. The result is returned in
+            that dtype.
+    """
+    if x.shape[-1] != quant_state.shape[-1]:
+        raise ValueError(
+            f"input has {x.shape[-1]} features but the 4-bit weight of shape "
+            f"{tuple(quant_state.shape)} expects {quant_state.shape[-1]}"
+        )
+    device = x.device.type
+    if compute_dtype is None and torch.is_autocast_enabled(device):
+        compute_dtype = torch.get_autocast_dtype(device)
+    if compute_dtype is not None and x.dtype != compute_dtype:
+        x = x.to(compute_dtype)
+    if not (x.requires_grad or (bias is not None and bias.requires_grad)) or not torch.is_grad_enabled():
+        # Inference: no graph, no saved tensors.
+        with torch.no_grad():
+            w = _dense(weight, quant_state, x.dtype)
+            return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    with torch.autocast(device, enabled=False):
+        return MatMul4bit.apply(x, weight, quant_state, bias)

@@ -1,0 +1,240 @@
+"""Linear4bit, matmul_4bit and quantize_model (issue 3, first part)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qpeft
+from qpeft import Linear4bit, dequantize_model, quantize_model
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def make_layer(in_f=96, out_f=80, bias=True, dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    dense = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
+    return dense, Linear4bit.from_linear(dense, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_forward_and_input_gradient_match_dense_dequantized(dtype, bias, quant_type):
+    _, layer = make_layer(bias=bias, dtype=dtype, quant_type=quant_type)
+    w = layer.dequantize()
+    assert w.dtype == dtype and w.shape == (80, 96)
+    x = torch.randn(3, 5, 96, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y = layer(x)
+    y_ref = F.linear(x_ref, w, layer.bias)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, **TOL[dtype])
+    assert layer.weight.grad is None and not layer.weight.requires_grad
+
+
+def test_bias_gradient_when_bias_trains():
+    _, layer = make_layer()
+    layer.bias.requires_grad_(True)
+    x = torch.randn(7, 96)
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((80,), 7.0))
+
+
+def test_reconstruction_close_to_dense_and_4_13_bits():
+    dense, layer = make_layer(in_f=256, out_f=256)
+    err = (layer.dequantize() - dense.weight).norm() / dense.weight.norm()
+    assert err < 0.12
+    st = layer.quant_state
+    bits = 8 * (layer.weight.numel() + st.absmax.numel() + 4 * st.state2.absmax.numel() + 4) / (256 * 256)
+    assert bits < 4.13
+
+
+def test_constructor_like_nn_linear():
+    layer = Linear4bit(64, 32, bias=False, quant_type="fp4", blocksize=128, double_quant=False)
+    assert (layer.in_features, layer.out_features, layer.bias) == (64, 32, None)
+    assert layer.weight.dtype == torch.uint8 and layer.weight.shape == (1024, 1)
+    assert layer.quant_state.blocksize == 128 and not layer.quant_state.nested
+    assert "fp4" in repr(layer)
+
+
+def test_conv1d_from_transformers():
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    conv = Conv1D(48, 64)  # nf=48 outputs, nx=64 inputs; weight stored [64, 48]
+    nn.init.normal_(conv.weight)
+    layer = Linear4bit.from_linear(conv)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), conv.bias), rtol=1e-5, atol=1e-5)
+    assert (layer.dequantize().t() - conv.weight).norm() / conv.weight.norm() < 0.12
+
+
+def test_device_moves_and_dtype_casts_keep_the_quant_state():
+    _, layer = make_layer()
+    before = layer.dequantize()
+    layer.to("cpu").half().to(torch.float32)
+    assert layer.weight.dtype == torch.uint8
+    assert layer.quant_state.state2.absmax.dtype == torch.float32
+    assert torch.equal(layer.dequantize(), before)
+
+
+def test_state_dict_has_bitsandbytes_keys_and_round_trips():
+    _, layer = make_layer()
+    sd = layer.state_dict()
+    assert sorted(sd) == sorted([
+        "weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+        "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4",
+    ])
+    fresh = Linear4bit(96, 80, quant_type="fp4", double_quant=False)
+    fresh.load_state_dict(sd)
+    assert fresh.quant_type == "nf4" and fresh.double_quant
+    assert torch.equal(fresh.dequantize(), layer.dequantize())
+
+
+def test_load_state_dict_rejects_mis_shaped_and_corrupt_checkpoints():
+    _, layer = make_layer()
+    sd = layer.state_dict()
+    other = Linear4bit(96, 81)
+    with pytest.raises(RuntimeError, match="shape"):
+        other.load_state_dict(sd)
+    bad = dict(sd)
+    bad["weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(b"{oops"), dtype=torch.uint8)
+    fresh = Linear4bit(96, 80)
+    before = fresh.dequantize()
+    with pytest.raises(RuntimeError, match="JSON"):
+        fresh.load_state_dict(bad)
+    assert torch.equal(fresh.dequantize(), before)
+
+
+def test_eval_no_grad_forward_does_not_change_training_gradients():
+    """As generate() does mid-training: qpeft keeps giving input gradients."""
+    _, layer = make_layer(dtype=torch.bfloat16)
+    x = torch.randn(4, 96, dtype=torch.bfloat16)
+
+    def grads():
+        xi = x.clone().requires_grad_()
+        layer(xi).float().pow(2).sum().backward()
+        return xi.grad
+
+    g1 = grads()
+    layer.eval()
+    with torch.no_grad():
+        layer(x[:1])
+    layer.train()
+    g2 = grads()
+    assert g2 is not None and torch.equal(g1, g2)
+
+
+def test_backward_saves_only_packed_weights():
+    """Memory probe: the autograd graph holds no dense copy of any layer."""
+    torch.manual_seed(0)
+    layers = nn.Sequential(*[Linear4bit(512, 512, bias=False) for _ in range(6)])
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    x = torch.randn(2, 512, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layers(x)
+    dense_bytes = 512 * 512 * 4
+    assert max(saved) < dense_bytes / 4, saved
+    assert sum(saved) < 6 * dense_bytes / 4
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_gradient_checkpointing_and_autocast():
+    from torch.utils.checkpoint import checkpoint
+
+    _, layer = make_layer()
+    x = torch.randn(5, 96, requires_grad=True)
+    y = checkpoint(layer, x, use_reentrant=False)
+    y.sum().backward()
+    g_ckpt = x.grad.clone()
+    x.grad = None
+    layer(x).sum().backward()
+    torch.testing.assert_close(g_ckpt, x.grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x).detach(), rtol=3e-2, atol=3e-2)
+
+
+def test_torch_compile_gives_the_same_result():
+    _, layer = make_layer()
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(4, 96)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_lora_style_training_through_linear4bit_reduces_loss():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
+    quantize_model(base, skip=[])
+    r = 4
+    a = nn.Parameter(torch.randn(r, 32) * 0.01)
+    b = nn.Parameter(torch.zeros(64, r))
+    x = torch.randn(256, 32)
+    target = torch.randn(256, 8)
+
+    def model(inp):
+        h = base[0](inp) + inp @ a.t() @ b.t()
+        return base[2](base[1](h))
+
+    opt = torch.optim.Adam([a, b], lr=1e-2)
+    first = None
+    for _ in range(60):
+        loss = F.mse_loss(model(x), target)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.9 * first
+
+
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_quantize_model_skips_the_head_and_dequantize_model_undoes_it():
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+    quantize_model(model)
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, (nn.Linear, Linear4bit))}
+    assert kinds["lm_head"] == "Linear"
+    assert sum(k == "Linear4bit" for k in kinds.values()) == 14  # 7 per layer
+    with torch.no_grad():
+        q = model(ids).logits
+    assert (q - ref).norm() / ref.norm() < 0.2
+    dequantize_model(model)
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, q, rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_model_names_a_bad_layer_and_changes_nothing():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj"):
+        quantize_model(model)
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
+
+
+def test_matmul_4bit_checks_the_feature_count():
+    _, layer = make_layer()
+    with pytest.raises(ValueError, match="expects 96"):
+        qpeft.matmul_4bit(torch.randn(2, 95), layer.weight, layer.quant_state)
