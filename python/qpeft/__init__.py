@@ -23,10 +23,14 @@ from .functional import (
     quantize_blockwise,
 )
 
+from .autograd import matmul_4bit
+from .nn import Linear4bit, dequantize_model, quantize_model
+
 __version__ = "0.1.0"
 
 __all__ = [
     "BLOCK_SIZES",
+    "Linear4bit",
     "QUANT_TYPES",
     "QuantState",
     "__version__",
@@ -34,7 +38,10 @@ __all__ = [
     "create_dynamic_map",
     "dequantize_4bit",
     "dequantize_blockwise",
+    "dequantize_model",
     "get_4bit_type",
+    "matmul_4bit",
     "quantize_4bit",
     "quantize_blockwise",
+    "quantize_model",
 ]
