@@ -196,6 +196,18 @@ def test_saved_state_dequantizes_like_the_in_memory_run(tiny_quantized, tiny_mod
         assert torch.equal(saved, qpeft.dequantize_4bit(packed, state))
 
 
+def test_output_loads_with_load_quantized(tiny_quantized, tiny_model):
+    """The --out folder is a qpeft checkpoint: the layers come back as the run quantized them."""
+    loaded, tokenizer = qpeft.load_quantized(tiny_quantized)
+    assert tokenizer is None
+    model, _ = hf.load_model(tiny_model)
+    run = cli._quantize_model(model, blocksize=64, quant_type="nf4", double_quant=True, keep=True)
+    assert {n for n, m in loaded.named_modules() if isinstance(m, qpeft.Linear4bit)} == set(run.quantized)
+    for name, (packed, state) in run.quantized.items():
+        layer = loaded.get_submodule(name)
+        assert layer.quant_state == state and torch.equal(layer.weight, packed)
+
+
 def test_no_double_quant_and_fp4(tiny_model, tmp_path):
     out = tmp_path / "fp4"
     argv = ["quantize", "--model", str(tiny_model), "--quant-type", "fp4", "--no-double-quant", "--out", str(out)]

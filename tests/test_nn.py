@@ -238,3 +238,15 @@ def test_matmul_4bit_checks_the_feature_count():
     _, layer = make_layer()
     with pytest.raises(ValueError, match="expects 96"):
         qpeft.matmul_4bit(torch.randn(2, 95), layer.weight, layer.quant_state)
+
+
+def test_compute_dtype_returns_the_input_dtype():
+    _, layer = make_layer()
+    layer.compute_dtype = torch.bfloat16
+    x = torch.randn(3, 96, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    ref = F.linear(x.detach().bfloat16(), layer.dequantize().bfloat16(), layer.bias.bfloat16()).float()
+    torch.testing.assert_close(y.detach(), ref)
+    y.sum().backward()
+    assert x.grad.dtype == torch.float32

@@ -4,7 +4,6 @@ import os
 import shutil
 import site
 import subprocess
-import sys
 import tarfile
 import venv
 from pathlib import Path

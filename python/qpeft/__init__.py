@@ -25,6 +25,7 @@ from .functional import (
 
 from .autograd import matmul_4bit
 from .nn import Linear4bit, dequantize_model, quantize_model
+from .checkpoint import load_quantized, save_quantized
 
 __version__ = "0.1.0"
 
@@ -40,8 +41,10 @@ __all__ = [
     "dequantize_blockwise",
     "dequantize_model",
     "get_4bit_type",
+    "load_quantized",
     "matmul_4bit",
     "quantize_4bit",
     "quantize_blockwise",
     "quantize_model",
+    "save_quantized",
 ]

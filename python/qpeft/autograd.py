@@ -69,8 +69,8 @@ def matmul_4bit(
         quant_state: its :class:`qpeft.QuantState` (shape ``(out_features, in_features)``).
         bias: optional ``[out_features]`` bias.
         compute_dtype: dtype of the matmul; default: the autocast dtype under
-            ``torch.autocast``, else ``x``'s dtype. The result is returned in
-            that dtype.
+            ``torch.autocast``, else ``x``'s dtype. The result has ``x``'s
+            dtype (the autocast dtype under autocast), as in bitsandbytes.
     """
     if x.shape[-1] != quant_state.shape[-1]:
         raise ValueError(
@@ -78,14 +78,19 @@ def matmul_4bit(
             f"{tuple(quant_state.shape)} expects {quant_state.shape[-1]}"
         )
     device = x.device.type
-    if compute_dtype is None and torch.is_autocast_enabled(device):
-        compute_dtype = torch.get_autocast_dtype(device)
+    out_dtype = x.dtype
+    if torch.is_autocast_enabled(device) and compute_dtype is None:
+        # Like F.linear under autocast: compute and return in the autocast dtype.
+        compute_dtype = out_dtype = torch.get_autocast_dtype(device)
     if compute_dtype is not None and x.dtype != compute_dtype:
         x = x.to(compute_dtype)
     if not (x.requires_grad or (bias is not None and bias.requires_grad)) or not torch.is_grad_enabled():
         # Inference: no graph, no saved tensors.
         with torch.no_grad():
             w = _dense(weight, quant_state, x.dtype)
-            return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-    with torch.autocast(device, enabled=False):
-        return MatMul4bit.apply(x, weight, quant_state, bias)
+            out = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    else:
+        with torch.autocast(device, enabled=False):
+            out = MatMul4bit.apply(x, weight, quant_state, bias)
+    # An explicit compute dtype is internal: the caller gets its own dtype back.
+    return out if out.dtype == out_dtype else out.to(out_dtype)

@@ -20,9 +20,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +29,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from . import __version__
+from .checkpoint import _is_checkpoint_dir, save_quantized
 from .functional import BLOCK_SIZES, QUANT_TYPES, cpu_isa, dequantize_4bit, quantize_4bit
+from .nn import Linear4bit
 
 __all__ = ["UsageError", "build_parser", "main"]
 
@@ -219,7 +219,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     report = _build_report(model, run, args, source)
     print(_format_report(report))
     if out is not None:
-        _save_quantized(model, tokenizer, run, report, args, out)
+        _save_quantized(model, tokenizer, run, report, out)
         print(_row("saved", str(out)))
     return 0
 
@@ -228,9 +228,9 @@ def _check_out_dir(out: Path) -> None:
     """Refuse an --out that would clobber something that is not an earlier qpeft result."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a file; pass a folder path")
-    if out.is_dir() and any(out.iterdir()) and not (out / _REPORT_FILE).is_file():
+    if out.is_dir() and any(out.iterdir()) and not ((out / _REPORT_FILE).is_file() or _is_checkpoint_dir(out)):
         raise UsageError(
-            f"--out {str(out)!r} exists and is not an earlier `qpeft quantize` output; "
+            f"--out {str(out)!r} exists and is not an earlier `qpeft quantize` output or 4-bit checkpoint; "
             "remove it or choose another folder"
         )
 
@@ -431,115 +431,24 @@ def _row(label: str, value: str) -> str:
 # -------------------------------------------------------------------- save
 
 
-def _quantization_config(args: argparse.Namespace) -> dict:
-    """config.json's ``quantization_config``, as transformers' BitsAndBytesConfig writes it."""
-    return {
-        "quant_method": "bitsandbytes",
-        "load_in_4bit": True,
-        "load_in_8bit": False,
-        "bnb_4bit_quant_type": args.quant_type,
-        "bnb_4bit_use_double_quant": not args.no_double_quant,
-        "bnb_4bit_compute_dtype": "bfloat16",
-        "bnb_4bit_quant_storage": "uint8",
-        "llm_int8_skip_modules": ["lm_head"],
-        "llm_int8_threshold": 6.0,
-        "llm_int8_has_fp16_weight": False,
-        "llm_int8_enable_fp32_cpu_offload": False,
-        "_load_in_4bit": True,
-        "_load_in_8bit": False,
-    }
-
-
-def _quantized_state_dict(model: torch.nn.Module, run: QuantizeRun) -> dict[str, torch.Tensor]:
-    """The model's state dict with each quantized weight in bitsandbytes' serialization."""
-    sd = _drop_aliases(model, dict(model.state_dict()))
-    for name, (packed, state) in run.quantized.items():
-        sd[f"{name}.weight"] = packed
-        for key, value in state.as_dict(packed=True).items():
-            sd[f"{name}.weight.{key}"] = value
-    return {k: v.detach().contiguous() for k, v in sd.items()}
-
-
-def _drop_aliases(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keep one name per shared tensor, as transformers does: the tied source, not the head."""
-    targets = set(_tie_targets(model))
-    seen: dict[tuple, str] = {}
-    for name in list(sd):
-        t = sd[name]
-        if t.numel() == 0:
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        first = seen.setdefault(key, name)
-        if first == name:
-            continue
-        if first in targets and name not in targets:
-            del sd[first]
-            seen[key] = name
-        else:
-            del sd[name]
-    return sd
-
-
-def _tie_targets(model: torch.nn.Module) -> list[str]:
-    """State-dict names that transformers re-creates by tying (so need not be saved)."""
-    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ()
-    names = list(tied) if isinstance(tied, (dict, list, tuple, set)) else []
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names += [f"{n}.weight" for n, m in model.named_modules() if head is not None and m is head]
-    return names
-
-
 def _save_quantized(
-    model: torch.nn.Module, tokenizer: Any, run: QuantizeRun, report: dict, args: argparse.Namespace, out: Path
+    model: torch.nn.Module, tokenizer: Any, run: QuantizeRun, report: dict, out: Path
 ) -> None:
-    """Write model.safetensors, config.json, tokenizer files and the report into ``out`` atomically."""
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        raise ImportError("--out needs safetensors; install it with `pip install 'qpeft[hf]'`") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the destination and renamed into place, so a crash never
-    # leaves a half-written checkpoint under the requested name.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    _chmod_like_mkdir(tmp)
-    try:
-        log.info("saving to %s", out)
-        save_file(_quantized_state_dict(model, run), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
-        config = json.loads((tmp / "config.json").read_text())
-        config["quantization_config"] = _quantization_config(args)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / _REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        _move_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Swap the quantized layers into ``model`` and save it with :func:`qpeft.save_quantized`.
 
+    The layers are built from the packed weights this run produced (and
+    reported on), so nothing is quantized twice; the report goes into the
+    folder with the checkpoint, which is written atomically.
+    """
 
-def _chmod_like_mkdir(folder: Path) -> None:
-    # mkdtemp makes the folder private (0700); the result should get the
-    # permissions any folder made by the user gets.
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        # An earlier result (checked by _check_out_dir) or an empty folder.
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            os.replace(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    for name, (packed, state) in run.quantized.items():
+        dense = model.get_submodule(name)
+        layer = Linear4bit.from_quantized(packed, state, bias=dense.bias)
+        layer.train(dense.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    log.info("saving to %s", out)
+    save_quantized(model, out, tokenizer, extra_files={_REPORT_FILE: json.dumps(report, indent=2) + "\n"})
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from ._files import staged_dir
 
 __all__ = ["DEFAULT_MODEL_PACKAGE", "cache_root", "default_model_path", "load_model"]
 
@@ -191,17 +191,11 @@ def _cached_gguf(gguf: Path, root: Path) -> Path:
     if _cache_is_valid(folder, gguf):
         return folder
     log.info("converting %s to safetensors in %s (once; takes ~20 s)", gguf.name, folder)
-    root.mkdir(parents=True, exist_ok=True)
-    # Built beside the final folder and renamed into place, so a crash leaves
-    # only a temp folder, never a half-written cache that looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=root))
-    _chmod_like_mkdir(tmp)
-    try:
+    # Built beside the final folder and renamed into place, so a crash never
+    # leaves a half-written cache that looks complete.
+    with staged_dir(folder) as tmp:
         _convert_gguf(gguf, tmp)
         (tmp / _SOURCE_FILE).write_text(json.dumps(_source_record(gguf)))
-        _replace_dir(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -222,31 +216,3 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         quantizer.remove_quantization_config(model)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-
-
-def _chmod_like_mkdir(folder: Path) -> None:
-    # mkdtemp makes the folder private (0700); a cache shared by the user's
-    # tools should get the permissions of a folder made with mkdir.
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Move folder ``new`` to ``dest``; an existing ``dest`` is replaced (two renames)."""
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-        try:
-            os.replace(new, dest)
-        except OSError:
-            os.replace(old, dest)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        try:
-            os.replace(new, dest)
-        except OSError:
-            # Another process finished the same conversion first; keep theirs.
-            if not dest.exists():
-                raise

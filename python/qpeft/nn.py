@@ -94,6 +94,44 @@ class Linear4bit(nn.Module):
         return layer
 
     @classmethod
+    def from_quantized(
+        cls,
+        weight: torch.Tensor,
+        quant_state: QuantState,
+        bias: Optional[torch.Tensor] = None,
+        compute_dtype: Optional[torch.dtype] = None,
+    ) -> "Linear4bit":
+        """A layer around an already-quantized weight: ``weight, quant_state = quantize_4bit(W)``.
+
+        The packed weight and the state are used as they are (not copied); the
+        bias is copied and keeps its ``requires_grad``.
+        """
+        shape = tuple(quant_state.shape) if quant_state.shape is not None else ()
+        if len(shape) != 2 or quant_state.quant_type not in functional.QUANT_TYPES:
+            raise ValueError(
+                f"expected the state of a 4-bit [out_features, in_features] weight, got {quant_state!r}"
+            )
+        nbytes = weight.numel() * weight.element_size()
+        if nbytes != (math.prod(shape) + 1) // 2:
+            need = (math.prod(shape) + 1) // 2
+            raise ValueError(f"packed weight has {nbytes} bytes, shape {list(shape)} needs {need}")
+        if weight.dtype != torch.uint8:
+            weight = weight.reshape(-1).view(torch.uint8).reshape(-1, 1)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.out_features, layer.in_features = shape
+        layer.quant_type, layer.blocksize = quant_state.quant_type, quant_state.blocksize
+        layer.double_quant = quant_state.nested
+        layer.compute_dtype = compute_dtype
+        layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        layer.quant_state = quant_state
+        if bias is None:
+            layer.register_parameter("bias", None)
+        else:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        return layer
+
+    @classmethod
     def empty(
         cls,
         in_features: int,
