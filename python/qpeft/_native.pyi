@@ -58,3 +58,22 @@ def dequantize_blockwise(
     threads: int,
     offset: float = 0.0,
 ) -> None: ...
+def gemv_4bit(
+    x: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    dtype: _Float,
+    tokens: int,
+    packed: npt.NDArray[np.uint8],
+    quant_type: Literal["nf4", "fp4"],
+    blocksize: int,
+    n: int,
+    k: int,
+    out: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    threads: int,
+    absmax: Optional[npt.NDArray[np.float32]] = None,
+    qabsmax: Optional[npt.NDArray[np.uint8]] = None,
+    absmax2: Optional[npt.NDArray[np.float32]] = None,
+    code2: Optional[npt.NDArray[np.float32]] = None,
+    offset: float = 0.0,
+    blocksize2: int = 256,
+    isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
+) -> None: ...

@@ -1,7 +1,8 @@
 """Autograd for 4-bit weights: a matmul whose frozen weight is NF4/FP4.
 
-The forward dequantizes the weight into the compute dtype and calls
-``F.linear``; the backward dequantizes again to get the input gradient. Only
+The forward runs :func:`qpeft.functional.linear_4bit` (the fused 4-bit
+kernel for a few tokens, else dequantize + ``F.linear``); the backward
+dequantizes again to get the input gradient. Only
 the packed weight (about 4.13 bits per parameter) is saved for backward, never
 a dense copy, so a model's activations plus its 4-bit weights are all that
 training holds. The weight gets no gradient (it is frozen); the bias gets one
@@ -17,7 +18,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import functional
 
@@ -34,9 +34,9 @@ class MatMul4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, quant_state, bias: Optional[torch.Tensor]):
-        w = _dense(weight, quant_state, x.dtype)
-        b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
-        out = F.linear(x, w, b)
+        out = functional.linear_4bit(x, weight, quant_state)
+        if bias is not None:
+            out = out + bias.to(out.dtype)
         ctx.quant_state = quant_state
         ctx.bias_dtype = None if bias is None else bias.dtype
         # The packed weight only: the dense one is rebuilt in backward.
@@ -87,8 +87,9 @@ def matmul_4bit(
     if not (x.requires_grad or (bias is not None and bias.requires_grad)) or not torch.is_grad_enabled():
         # Inference: no graph, no saved tensors.
         with torch.no_grad():
-            w = _dense(weight, quant_state, x.dtype)
-            out = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+            out = functional.linear_4bit(x, weight, quant_state)
+            if bias is not None:
+                out = out + bias.to(out.dtype)
     else:
         with torch.autocast(device, enabled=False):
             out = MatMul4bit.apply(x, weight, quant_state, bias)

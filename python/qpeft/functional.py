@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from typing import Any, Mapping, Optional
 
 import torch
@@ -41,6 +42,9 @@ __all__ = [
     "get_4bit_type",
     "quantize_4bit",
     "dequantize_4bit",
+    "gemv_4bit",
+    "linear_4bit",
+    "GEMV_MAX_TOKENS",
     "quantize_blockwise",
     "dequantize_blockwise",
     "cpu_isa",
@@ -52,6 +56,12 @@ BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_TYPES = ("nf4", "fp4")
 #: Block size of the second-level quantization of 4-bit scales.
 NESTED_BLOCKSIZE = 256
+#: Up to this many tokens, :func:`linear_4bit` uses the fused :func:`gemv_4bit`
+#: kernel; above it, dequantize + ``F.linear``. Measured with ``bench/gemv.py``
+#: (2 threads, AVX-512, weights 2048x2048 to 11008x4096): the fused kernel won
+#: at 16 tokens in every run, and the crossover lay between 20 and 73 tokens
+#: for bfloat16 and 44 and 321 for float32 depending on shape and machine load.
+GEMV_MAX_TOKENS = 16
 
 _FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DTYPE_BY_NAME = {v: k for k, v in _FLOAT_DTYPES.items()}
@@ -546,6 +556,176 @@ def _cpu_contig(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     return t.detach().cpu().contiguous()
 
 
+# ------------------------------------------------------------- 4-bit matmul
+
+
+def gemv_4bit(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    quant_state: QuantState,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``A @ W.T`` for a 4-bit weight ``W``, without ever building a dense ``W``.
+
+    The fused kernel for decoding (1-16 tokens): each packed byte and scale is
+    read once per call and used for every token. It computes any number of
+    tokens, but past 16 it reads the weight once per 16 tokens, and for many
+    tokens ``F.linear(A, dequantize_4bit(B, quant_state))`` is faster (on a
+    2-core AVX-512 machine from about 20-75 tokens for bfloat16 input and
+    45-300 for float32, depending on the shape; ``bench/gemv.py`` measures it).
+    It runs on ``torch.get_num_threads()`` threads and does not record
+    autograd history (A is read detached).
+
+    Args:
+        A: float32/bfloat16/float16 CPU tensor of shape ``[..., K]``; every
+            leading index is a token.
+        B: the packed weight :func:`quantize_4bit` returned (any storage dtype).
+        quant_state: its qpeft or bitsandbytes ``QuantState`` (nested or not);
+            ``quant_state.shape`` must be ``(N, K)``, i.e. a Linear weight
+            ``(out_features, in_features)``.
+        out: optional contiguous tensor with ``A.numel() // K * N`` elements
+            of A's dtype to write the result to.
+
+    Returns:
+        ``[..., N]`` in A's dtype: ``y[t, n] = sum_k A[t, k] * W[n, k]`` where
+        ``W[n, k] = code[nibble] * absmax[block]`` in float32 (as
+        :func:`dequantize_4bit` computes it before casting), summed in float32
+        and rounded to A's dtype. A bias is not added.
+
+    Example:
+        >>> w = torch.randn(64, 128)
+        >>> q, state = quantize_4bit(w, compress_statistics=True)
+        >>> gemv_4bit(torch.randn(2, 128), q, state).shape
+        torch.Size([2, 64])
+    """
+    return _gemv_4bit(A, B, quant_state, out)
+
+
+def _gemv_4bit(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    quant_state: QuantState,
+    out: Optional[torch.Tensor] = None,
+    isa: Optional[str] = None,
+) -> torch.Tensor:
+    """:func:`gemv_4bit` on a chosen instruction set (``isa``; for tests and benches).
+
+    This runs once per layer per generated token, so it is written to cost
+    little: the weight's checks and NumPy views are made once per (B, state)
+    and remembered (see :func:`_weight_args`); the input's are cheap.
+    """
+    _check_tensor("A", A)
+    dtype_name = _FLOAT_DTYPES.get(A.dtype)
+    if dtype_name is None:
+        raise TypeError(
+            f"A has dtype {A.dtype}; gemv_4bit multiplies float32, float16 and bfloat16 inputs "
+            f"(convert with A.float() or A.bfloat16())"
+        )
+    if not A.is_cpu:
+        _check_cpu("A", A)
+    n, k, weight = _weight_args(B, quant_state)
+    a_shape = A.shape
+    if not a_shape or a_shape[-1] != k:
+        raise ValueError(
+            f"A has shape {tuple(a_shape)}, but the weight has shape ({n}, {k}): "
+            f"A's last dimension must be in_features = {k}"
+        )
+    tokens = A.numel() // k if k else math.prod(a_shape[:-1])
+    if out is None:
+        out = torch.empty((*a_shape[:-1], n), dtype=A.dtype)
+    else:
+        _check_out(out, tokens * n, A.dtype)
+    x = A.detach()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    _native.gemv_4bit(_np_flat(x), dtype_name, tokens, out=_np_flat(out.detach()), threads=_threads(), isa=isa, **weight)
+    return out
+
+
+def _np_flat(t: torch.Tensor):
+    """A flat NumPy view of a contiguous, detached CPU tensor (16-bit floats as int16 bits)."""
+    if t.dtype is torch.bfloat16 or t.dtype is torch.float16:
+        t = t.view(torch.int16)
+    return t.numpy().reshape(-1)
+
+
+def _weight_args(B: torch.Tensor, qs: Any) -> tuple[int, int, dict[str, Any]]:
+    """``(N, K, kwargs)``: a packed 4-bit matrix and its state, checked, as native keyword arguments.
+
+    Checking the state and making NumPy views of its tensors costs more than a
+    small matrix-vector product, so the result is remembered per state object
+    (without touching the object) until the state goes away, or B or one of
+    the state's fields is replaced, changed in place or re-pointed (``.data``).
+    Tensors are recognized by their memory, so a fresh view of the same weight
+    (``B.t()`` on every call, as bitsandbytes' layers pass it) still hits.
+    """
+    _check_tensor("B", B)
+    try:
+        nested = qs.nested
+        parts = (B, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset) if nested else (B, qs.absmax)
+        key = (qs.shape, qs.blocksize, qs.quant_type, nested, qs.state2.blocksize if nested else None) + tuple(
+            (p.data_ptr(), p._version, p.dtype, p.shape, p.stride()) if isinstance(p, torch.Tensor) else (id(p),)
+            for p in parts
+        )
+    except AttributeError:
+        raise TypeError(
+            f"quant_state must be the QuantState that quantize_4bit returned with B, got {type(qs).__name__}"
+        ) from None
+    entry = _WEIGHT_CACHE.get(id(qs))
+    if entry is not None and entry[0]() is qs and entry[1] == key:
+        return entry[3]
+    args = _check_weight(B, qs)
+    try:
+        ref = weakref.ref(qs, lambda _, i=id(qs): _WEIGHT_CACHE.pop(i, None))
+    except TypeError:  # an object without weak references: no caching
+        return args
+    # `parts` keeps the tensors (and so their memory) alive: nothing else can
+    # take their addresses while the entry exists.
+    _WEIGHT_CACHE[id(qs)] = (ref, key, parts, args)
+    return args
+
+
+#: id(quant state) -> (weak reference to it, key, the tensors the key names, args); see _weight_args.
+_WEIGHT_CACHE: dict[int, tuple] = {}
+
+
+def _check_weight(B: torch.Tensor, qs: Any) -> tuple[int, int, dict[str, Any]]:
+    if not B.is_cpu:
+        _check_cpu("B", B)
+    _check_blocksize(qs.blocksize)
+    _check_quant_type(qs.quant_type)
+    if qs.shape is None or len(qs.shape) != 2:
+        shape = None if qs.shape is None else tuple(qs.shape)
+        raise ValueError(
+            f"gemv_4bit needs a 2-D weight (out_features, in_features), but quant_state.shape is {shape}; "
+            f"quantize the weight as a matrix (reshape it to 2-D before quantize_4bit)"
+        )
+    n, k = int(qs.shape[0]), int(qs.shape[1])
+    packed = B.detach()
+    if packed.dtype != torch.uint8:
+        packed = packed.contiguous().view(torch.uint8)
+    packed = packed.contiguous()
+    if packed.numel() != (n * k + 1) // 2:
+        raise ValueError(
+            f"B has {packed.numel()} packed bytes, but a ({n}, {k}) weight needs {(n * k + 1) // 2}; "
+            f"pass the packed tensor that quantize_4bit returned together with this quant_state"
+        )
+    kwargs: dict[str, Any] = dict(
+        packed=packed.numpy().reshape(-1), quant_type=qs.quant_type, blocksize=qs.blocksize, n=n, k=k
+    )
+    if qs.nested:
+        s2 = qs.state2
+        kwargs.update(
+            qabsmax=_np_flat(_cpu_contig(qs.absmax, torch.uint8, "absmax")),
+            absmax2=_np_flat(_cpu_contig(s2.absmax, torch.float32, "state2.absmax")),
+            code2=_np_flat(_cpu_contig(s2.code, torch.float32, "state2.code")),
+            offset=float(qs.offset),
+            blocksize2=_check_blocksize8(s2.blocksize),
+        )
+    else:
+        kwargs["absmax"] = _np_flat(_cpu_contig(qs.absmax, torch.float32, "absmax"))
+    return n, k, kwargs
+
 # ------------------------------------------------------------------ 8-bit
 
 
@@ -657,3 +837,23 @@ def dequantize_blockwise(
 
 def _as_f32_scalar(x: Any) -> torch.Tensor:
     return x.float().cpu() if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float32)
+
+
+def linear_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
+    """``x @ W.T`` for a 4-bit ``W`` (no bias, no autograd), by the faster path for its size.
+
+    Few tokens (at most :data:`GEMV_MAX_TOKENS`): the fused :func:`gemv_4bit`
+    kernel, which never builds a dense weight. More tokens: dequantize into
+    ``x``'s dtype and ``F.linear`` (a dense matmul amortizes the dequantize).
+    """
+    tokens = x.numel() // max(1, x.shape[-1])
+    if (
+        x.device.type == "cpu"
+        and tokens <= GEMV_MAX_TOKENS
+        and x.dtype in _FLOAT_DTYPES
+        and quant_state.shape is not None
+        and len(quant_state.shape) == 2
+    ):
+        return gemv_4bit(x, weight, quant_state)
+    w = dequantize_4bit(weight, quant_state)
+    return torch.nn.functional.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))

@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod dynamic_map;
 pub mod elem;
 pub mod error;
+pub mod gemv;
 pub mod memory;
 pub mod nf4;
 pub mod parallel;
@@ -318,6 +319,76 @@ mod bindings {
         }))
     }
 
+    /// y = x @ W.T for a 4-bit N x K weight (rust/src/gemv.rs); x is
+    /// tokens x K and out tokens x N, both flat and of type `dtype`.
+    #[pyfunction]
+    #[pyo3(signature = (x, dtype, tokens, packed, quant_type, blocksize, n, k, out, threads, absmax=None,
+                        qabsmax=None, absmax2=None, code2=None, offset=0.0, blocksize2=256, isa=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn gemv_4bit(
+        py: Python<'_>,
+        x: &Bound<'_, PyAny>,
+        dtype: &str,
+        tokens: usize,
+        packed: PyReadonlyArray1<'_, u8>,
+        quant_type: &str,
+        blocksize: usize,
+        n: usize,
+        k: usize,
+        out: &Bound<'_, PyAny>,
+        threads: usize,
+        absmax: Option<PyReadonlyArray1<'_, f32>>,
+        qabsmax: Option<PyReadonlyArray1<'_, u8>>,
+        absmax2: Option<PyReadonlyArray1<'_, f32>>,
+        code2: Option<PyReadonlyArray1<'_, f32>>,
+        offset: f32,
+        blocksize2: usize,
+        isa: Option<&str>,
+    ) -> PyResult<()> {
+        use crate::gemv::{self, Weight4};
+        let quant_type = parse_quant_type(quant_type)?;
+        let isa = parse_isa(isa)?;
+        let packed = slice(&packed, "packed")?;
+        let code;
+        let scales = match (&absmax, &qabsmax, &absmax2, &code2) {
+            (Some(a), None, None, None) => Scales::Plain(slice(a, "absmax")?),
+            (None, Some(q), Some(a2), Some(c)) => {
+                code = code256(slice(c, "nested code")?)?;
+                Scales::Nested(Nested {
+                    qabsmax: slice(q, "nested codes")?,
+                    absmax2: slice(a2, "nested absmax")?,
+                    code: &code,
+                    offset,
+                    blocksize2,
+                })
+            }
+            _ => {
+                return Err(PyValueError::new_err(
+                    "pass either absmax, or all of qabsmax, absmax2 and code2",
+                ))
+            }
+        };
+        let w = Weight4 { packed, scales, quant_type, blocksize, n, k };
+        let inp = input(x, dtype)?;
+        let mut outp = output(out, dtype)?;
+        match (&inp, &mut outp) {
+            (In::F32(a), Out::F32(b)) => {
+                let (xs, o): (&[f32], &mut [f32]) = (slice(a, "input")?, slice_mut(b, "output")?);
+                run(py, || gemv::gemv_4bit_isa(isa, &w, xs, tokens, o, threads))
+            }
+            (In::Bits(a, true), Out::Bits(b, true)) => {
+                let (xs, o): (&[Bf16], &mut [Bf16]) = (as_elems(slice(a, "input")?), as_elems_mut(slice_mut(b, "output")?));
+                run(py, || gemv::gemv_4bit_isa(isa, &w, xs, tokens, o, threads))
+            }
+            (In::Bits(a, false), Out::Bits(b, false)) => {
+                let (xs, o): (&[F16], &mut [F16]) = (as_elems(slice(a, "input")?), as_elems_mut(slice_mut(b, "output")?));
+                run(py, || gemv::gemv_4bit_isa(isa, &w, xs, tokens, o, threads))
+            }
+            // input() and output() read the same dtype name, so the variants pair up.
+            _ => Err(PyTypeError::new_err("input and output must have the same dtype")),
+        }
+    }
+
     #[pymodule]
     #[pyo3(name = "_native")]
     fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -328,6 +399,7 @@ mod bindings {
         m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
         m.add_function(wrap_pyfunction!(quantize_blockwise, m)?)?;
         m.add_function(wrap_pyfunction!(dequantize_blockwise, m)?)?;
+        m.add_function(wrap_pyfunction!(gemv_4bit, m)?)?;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         Ok(())
     }

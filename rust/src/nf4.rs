@@ -48,14 +48,14 @@ pub struct Nested<'a> {
 }
 
 impl Scales<'_> {
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Scales::Plain(a) => a.len(),
             Scales::Nested(n) => n.qabsmax.len(),
         }
     }
 
-    fn check(&self, n_blocks: usize) -> Result<()> {
+    pub(crate) fn check(&self, n_blocks: usize) -> Result<()> {
         if self.len() != n_blocks {
             return Err(invalid(format!(
                 "expected {n_blocks} block scales, got {}",
@@ -80,7 +80,7 @@ impl Scales<'_> {
     }
 
     #[inline(always)]
-    fn get(&self, b: usize) -> f32 {
+    pub(crate) fn get(&self, b: usize) -> f32 {
         match self {
             Scales::Plain(a) => a[b],
             Scales::Nested(n) => {

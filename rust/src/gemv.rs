@@ -1,0 +1,1175 @@
+//! Fused 4-bit matrix multiplication for few tokens (decode, 1-16 tokens):
+//! `y[t, n] = sum_k x[t, k] * W[n, k]`, where the N x K weight W is quantized
+//! blockwise exactly as nf4.rs lays it out (flat element e = n*K + k, block
+//! e / blocksize, byte e / 2, even e in the high nibble; blocks may cross
+//! rows). A weight is `table[code] * scale[block]` in float32, products are
+//! accumulated in float32, and y is rounded to x's type (round-to-nearest-even).
+//!
+//! A dense W is never written: every packed byte and every scale is read once
+//! per call (per 16 tokens; more tokens take one pass per group of 16), decoded
+//! in registers and used for every token of the pass. Rows are split among
+//! threads in tasks of a few hundred rows; the threads are torch's own OpenMP
+//! team when the process has one (see `openmp`), else the rayon pool.
+//!
+//! Paths, picked at run time:
+//! * AVX-512, when K % 32 == 0 (every row starts on a 32-element tile that lies
+//!   in one block). A 64-byte load holds 128 weights; dword lane j holds
+//!   elements 8j..8j+8, element 8j+i in bits 4*(i^1)..+4. `vpermps` looks up
+//!   the low 4 bits of each lane, so a shift (or a load one byte further on)
+//!   turns the bytes into 16 weights {8j+i : j} with no unpacking; x is stored
+//!   transposed per 128-element tile to match. A tile inside one block uses
+//!   the table times the scale (no multiply per weight); a tile across blocks
+//!   (block size 32 or 64, or a row that starts mid-block) gets a per-lane
+//!   scale vector. Rows whose K is not a multiple of 128 finish with 32-element
+//!   tiles in natural order (the dequantize tile of nf4.rs).
+//! * Generic Rust for any K (odd K, rows starting mid-byte), which LLVM
+//!   vectorizes: compiled for AVX2 (and for AVX-512 when K % 32 != 0), NEON
+//!   and plain scalar.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::codebook::QuantType;
+use crate::cpu::{self, Isa};
+use crate::elem::Elem;
+use crate::error::{invalid, Result};
+use crate::nf4::{check_blocksize, packed_len, Nested, Scales};
+use crate::parallel;
+
+/// Tokens that share one pass over the weights.
+pub const TOKENS_PER_PASS: usize = 16;
+
+/// Weights of one AVX-512 tile (64 packed bytes).
+const TILE: usize = 128;
+
+/// Weights of a short tile: the AVX-512 row tail and the generic lanes.
+const SUB: usize = 32;
+
+/// A task should hold at least this many weights (row count times K), so
+/// that scheduling it costs nothing next to the work.
+const MIN_TASK_WEIGHTS: usize = 32_768;
+
+/// Products with fewer weight-token pairs (per pass) than this run on the
+/// calling thread alone: waking a helper costs more than it saves.
+const MIN_PARALLEL_WORK: usize = 1 << 18;
+
+/// A 4-bit quantized N x K matrix (row-major, bitsandbytes' layout).
+#[derive(Clone, Copy)]
+pub struct Weight4<'a> {
+    pub packed: &'a [u8],
+    pub scales: Scales<'a>,
+    pub quant_type: QuantType,
+    pub blocksize: usize,
+    /// Rows (output features).
+    pub n: usize,
+    /// Columns (input features).
+    pub k: usize,
+}
+
+/// `y = x @ W.T` for `tokens` rows of x (tokens x K, row-major) into y
+/// (tokens x N), with the best instruction set of this CPU.
+pub fn gemv_4bit<E: Elem>(w: &Weight4, x: &[E], tokens: usize, y: &mut [E], threads: usize) -> Result<()> {
+    gemv_4bit_isa(cpu::best(), w, x, tokens, y, threads)
+}
+
+/// As [`gemv_4bit`] on a chosen instruction set (for tests and benches).
+pub fn gemv_4bit_isa<E: Elem>(
+    isa: Isa,
+    w: &Weight4,
+    x: &[E],
+    tokens: usize,
+    y: &mut [E],
+    threads: usize,
+) -> Result<()> {
+    check(w, x.len(), tokens, y.len())?;
+    let isa = cpu::usable(isa);
+    let (n, k) = (w.n, w.k);
+    if tokens == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        y.fill(E::from_f32(0.0));
+        return Ok(());
+    }
+    let tiled = tiled_path(isa, k);
+    let xs = XBuf::new(x, tokens, k, tiled);
+    let table = w.quant_type.table();
+    let pairs = pair_table(table);
+    let ctx = Ctx { w, isa, tiled, x: &xs, tokens, table, pairs: &pairs };
+    // A small product is not worth waking other threads for.
+    let work = n.saturating_mul(k).saturating_mul(tokens.min(TOKENS_PER_PASS));
+    let threads = if work < MIN_PARALLEL_WORK { 1 } else { threads.max(1) };
+    let rows = rows_per_task(n, k, threads);
+    let n_tasks = n.div_ceil(rows);
+    // Task i writes rows [i*rows, (i+1)*rows) of every token's output.
+    let mut outs: Vec<Vec<&mut [E]>> = (0..n_tasks).map(|_| Vec::with_capacity(tokens)).collect();
+    for yt in y.chunks_exact_mut(n) {
+        for (o, part) in outs.iter_mut().zip(yt.chunks_mut(rows)) {
+            o.push(part);
+        }
+    }
+    if threads == 1 || n_tasks == 1 {
+        for (i, mut o) in outs.into_iter().enumerate() {
+            ctx.task(i * rows, &mut o);
+        }
+        return Ok(());
+    }
+    // The calling thread works too, from the first moment, while the pool's
+    // workers wake up (which can take longer than a small product). Worker i
+    // first takes the tasks of its own contiguous share of the rows, so that
+    // repeated calls find the same rows in the same core's cache, then helps
+    // with the shares of the others.
+    let tasks: Vec<Mutex<Vec<&mut [E]>>> = outs.into_iter().map(Mutex::new).collect();
+    let workers = threads.min(n_tasks);
+    let share = |g: usize| g * n_tasks / workers..(g + 1) * n_tasks / workers;
+    let next: Vec<AtomicUsize> = (0..workers).map(|g| AtomicUsize::new(share(g).start)).collect();
+    let work = |me: usize| {
+        let me = me.min(workers - 1);
+        for g in (me..workers).chain(0..me) {
+            let end = share(g).end;
+            loop {
+                let i = next[g].fetch_add(1, Ordering::Relaxed);
+                if i >= end {
+                    break;
+                }
+                let mut o = tasks[i].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                ctx.task(i * rows, &mut o);
+            }
+        }
+    };
+    // Inside a torch process the work goes to torch's own OpenMP threads:
+    // between torch operations they spin, waiting for the next one, and a
+    // separate pool would have to fight them for the cores.
+    #[cfg(target_os = "linux")]
+    if let Some(omp) = openmp::runtime() {
+        omp.parallel(workers, &work);
+        return Ok(());
+    }
+    run_with_helpers(threads, workers - 1, &work);
+    Ok(())
+}
+
+#[cfg(target_os = "linux")]
+mod openmp {
+    //! The OpenMP runtime torch runs its operations on (libgomp, which torch
+    //! loads into the global symbol namespace), found at run time with
+    //! `dlsym`. Absent (plain Rust, no torch, another runtime), or with
+    //! `QPEFT_NO_OPENMP=1`, kernels use their rayon pool instead.
+
+    use std::ffi::c_void;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::OnceLock;
+
+    /// `GOMP_parallel(fn, data, num_threads, flags)`: runs `fn(data)` on a team
+    /// of `num_threads` (the caller is thread 0) and returns when all are done.
+    type ParallelFn = unsafe extern "C" fn(extern "C" fn(*mut c_void), *mut c_void, u32, u32);
+    type ThreadNumFn = unsafe extern "C" fn() -> i32;
+
+    pub struct Runtime {
+        parallel: ParallelFn,
+        thread_num: ThreadNumFn,
+    }
+
+    pub fn runtime() -> Option<&'static Runtime> {
+        static RUNTIME: OnceLock<Option<Runtime>> = OnceLock::new();
+        RUNTIME
+            .get_or_init(|| {
+                if std::env::var("QPEFT_NO_OPENMP").is_ok_and(|v| v == "1") {
+                    return None;
+                }
+                // SAFETY: dlsym with RTLD_DEFAULT only looks symbols up; the
+                // signatures are libgomp's stable ABI (GCC >= 4.9).
+                unsafe {
+                    let p = libc::dlsym(libc::RTLD_DEFAULT, c"GOMP_parallel".as_ptr());
+                    let t = libc::dlsym(libc::RTLD_DEFAULT, c"omp_get_thread_num".as_ptr());
+                    (!p.is_null() && !t.is_null()).then(|| Runtime {
+                        parallel: std::mem::transmute::<*mut c_void, ParallelFn>(p),
+                        thread_num: std::mem::transmute::<*mut c_void, ThreadNumFn>(t),
+                    })
+                }
+            })
+            .as_ref()
+    }
+
+    struct Job<'a> {
+        work: &'a (dyn Fn(usize) + Sync),
+        thread_num: ThreadNumFn,
+        panicked: AtomicBool,
+    }
+
+    extern "C" fn run(data: *mut c_void) {
+        // SAFETY: `data` is the `Job` that `parallel` passed, alive until
+        // GOMP_parallel returns (after every team thread has left this function).
+        let job = unsafe { &*(data as *const Job) };
+        // SAFETY: called on a thread of the team, as OpenMP requires.
+        let me = unsafe { (job.thread_num)() }.max(0) as usize;
+        // A panic must not unwind into C; it is re-raised by the caller.
+        if catch_unwind(AssertUnwindSafe(|| (job.work)(me))).is_err() {
+            job.panicked.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl Runtime {
+        /// `work(i)` for each thread i of a team of (at most) `threads`.
+        /// The team may be smaller (inside another parallel region it is
+        /// just the caller), so `work` must not rely on every i running.
+        pub fn parallel(&self, threads: usize, work: &(dyn Fn(usize) + Sync)) {
+            let job = Job { work, thread_num: self.thread_num, panicked: AtomicBool::new(false) };
+            // SAFETY: `run` matches the callback ABI and only reads `job`,
+            // which outlives the call.
+            unsafe { (self.parallel)(run, &job as *const Job as *mut c_void, threads as u32, 0) };
+            if job.panicked.load(Ordering::SeqCst) {
+                panic!("a gemv_4bit worker thread panicked");
+            }
+        }
+    }
+}
+
+/// Runs `work(0)` on the calling thread and `work(1..=helpers)` on the pool's
+/// threads, and returns as soon as the calling thread is done and no helper is
+/// inside `work`: a helper that starts later finds the job closed and leaves,
+/// so a slow wake-up (tens of microseconds on a virtual machine) never delays
+/// the caller. `work` must therefore not rely on the helpers: every task goes
+/// to whoever claims it first from a shared counter.
+fn run_with_helpers(threads: usize, helpers: usize, work: &(dyn Fn(usize) + Sync)) {
+    struct Job {
+        /// Helpers inside `work` (or deciding whether to enter it).
+        active: AtomicUsize,
+        closed: AtomicBool,
+        panicked: AtomicBool,
+        work: *const (dyn Fn(usize) + Sync),
+    }
+    // SAFETY: `work` points to a Sync closure; it is only called between a
+    // helper's increment of `active` and its decrement, after seeing the job
+    // open, and the caller (who owns the closure) does not return before it
+    // has closed the job and seen `active` drop to zero. (SeqCst: a helper
+    // that saw the job open has its increment ordered before the close.)
+    unsafe impl Send for Job {}
+    unsafe impl Sync for Job {}
+    // SAFETY: only the lifetime is erased; see above for why it is never exceeded.
+    let work_ptr = unsafe {
+        std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync + 'static)>(work)
+    };
+    let job = Arc::new(Job {
+        active: AtomicUsize::new(0),
+        closed: AtomicBool::new(false),
+        panicked: AtomicBool::new(false),
+        work: work_ptr,
+    });
+    let pool = parallel::pool(threads);
+    for me in 1..=helpers {
+        let job = Arc::clone(&job);
+        pool.spawn(move || {
+            job.active.fetch_add(1, Ordering::SeqCst);
+            if !job.closed.load(Ordering::SeqCst) {
+                // SAFETY: the job is open and counted as active (see Job).
+                let f = unsafe { &*job.work };
+                if catch_unwind(AssertUnwindSafe(|| f(me))).is_err() {
+                    job.panicked.store(true, Ordering::SeqCst);
+                }
+            }
+            job.active.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+    /// Closes the job and waits for the helpers inside it, also when `work(0)` unwinds.
+    struct Close<'a>(&'a Job);
+    impl Drop for Close<'_> {
+        fn drop(&mut self) {
+            self.0.closed.store(true, Ordering::SeqCst);
+            let mut spins = 0u32;
+            while self.0.active.load(Ordering::SeqCst) != 0 {
+                spins += 1;
+                if spins < 1 << 12 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+    {
+        let _close = Close(&job);
+        work(0);
+    }
+    if job.panicked.load(Ordering::SeqCst) {
+        panic!("a gemv_4bit worker thread panicked");
+    }
+}
+
+fn check(w: &Weight4, x_len: usize, tokens: usize, y_len: usize) -> Result<()> {
+    check_blocksize(w.blocksize)?;
+    let (n, k) = (w.n, w.k);
+    let numel = n
+        .checked_mul(k)
+        .ok_or_else(|| invalid(format!("a {n} x {k} weight has more elements than memory can hold")))?;
+    if w.packed.len() != packed_len(numel) {
+        return Err(invalid(format!(
+            "packed weight must have {} bytes for a {n} x {k} matrix, got {}",
+            packed_len(numel),
+            w.packed.len()
+        )));
+    }
+    w.scales.check(numel.div_ceil(w.blocksize))?;
+    let sized = |len: usize, cols: usize, what: &str| match tokens.checked_mul(cols) {
+        Some(need) if need == len => Ok(()),
+        _ => Err(invalid(format!(
+            "{what} must have tokens * {cols} = {tokens} * {cols} values, got {len}"
+        ))),
+    };
+    sized(x_len, k, "input")?;
+    sized(y_len, n, "output")
+}
+
+fn tiled_path(isa: Isa, k: usize) -> bool {
+    cfg!(target_arch = "x86_64") && isa == Isa::Avx512 && k.is_multiple_of(SUB)
+}
+
+/// Rows per task: about four tasks per thread (a busy core takes fewer),
+/// none smaller than [`MIN_TASK_WEIGHTS`].
+fn rows_per_task(n: usize, k: usize, threads: usize) -> usize {
+    if threads <= 1 {
+        return n.max(1);
+    }
+    let even = n.div_ceil(threads * 4);
+    let min_rows = MIN_TASK_WEIGHTS.div_ceil(k.max(1));
+    even.max(min_rows).max(1)
+}
+
+/// 16 float32 values on one cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// x as float32, converted once per call into the layout the kernels read,
+/// 64-byte aligned.
+///
+/// Tiled (AVX-512) layout: tokens in groups of [`TOKENS_PER_PASS`]; a group of
+/// `nt` tokens starts at float g0 * K and holds the K / 16 lines ("slots") of
+/// every token interleaved, slot-major: slot v of token t at (v * nt + t) * 16,
+/// so one pass over a row reads x front to back. Slot 8c + i of a full
+/// 128-element tile c holds x[128c + 8j + i] in lane j (the nibble order of a
+/// 64-byte load); the 32-element tail tiles keep their order.
+///
+/// Natural (generic) layout: token t at t * stride, stride >= K padded so that
+/// tokens do not fall into the same cache sets.
+struct XBuf {
+    lines: Vec<Line>,
+    /// Floats per token.
+    stride: usize,
+}
+
+impl XBuf {
+    fn new<E: Elem>(x: &[E], tokens: usize, k: usize, tiled: bool) -> XBuf {
+        let stride = if tiled {
+            k
+        } else {
+            let s = k.next_multiple_of(16);
+            if (s * 4).is_multiple_of(4096) { s + 16 } else { s }
+        };
+        let mut lines = vec![Line([0.0; 16]); (tokens * stride).div_ceil(16)];
+        // SAFETY: Line is 16 f32 with no padding.
+        let out = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut f32, lines.len() * 16) };
+        if tiled {
+            let tiles = k / TILE;
+            for g0 in (0..tokens).step_by(TOKENS_PER_PASS) {
+                let nt = TOKENS_PER_PASS.min(tokens - g0);
+                let og = &mut out[g0 * k..(g0 + nt) * k];
+                for t in 0..nt {
+                    let xr = &x[(g0 + t) * k..(g0 + t + 1) * k];
+                    for v in 0..k / 16 {
+                        let o = &mut og[(v * nt + t) * 16..(v * nt + t + 1) * 16];
+                        if v < tiles * 8 {
+                            let (c, i) = (v / 8, v % 8);
+                            for (j, d) in o.iter_mut().enumerate() {
+                                *d = xr[TILE * c + 8 * j + i].to_f32();
+                            }
+                        } else {
+                            for (d, s) in o.iter_mut().zip(&xr[16 * v..16 * v + 16]) {
+                                *d = s.to_f32();
+                            }
+                        }
+                    }
+                }
+            }
+        } else {
+            for (o, xr) in out.chunks_mut(stride).zip(x.chunks_exact(k)) {
+                for (d, s) in o.iter_mut().zip(xr) {
+                    *d = s.to_f32();
+                }
+            }
+        }
+        XBuf { lines, stride }
+    }
+
+    /// The floats of tokens [g0, g0 + nt) (a group of the tiled layout).
+    fn group(&self, g0: usize, nt: usize) -> &[f32] {
+        // SAFETY: as in `new`.
+        let all = unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const f32, self.lines.len() * 16) };
+        &all[g0 * self.stride..(g0 + nt) * self.stride]
+    }
+}
+
+/// Byte -> (value of the high nibble, value of the low nibble).
+fn pair_table(table: &[f32; 16]) -> [[f32; 2]; 256] {
+    let mut p = [[0f32; 2]; 256];
+    for (b, v) in p.iter_mut().enumerate() {
+        *v = [table[b >> 4], table[b & 15]];
+    }
+    p
+}
+
+/// Scales of blocks [b_lo, b_hi) of a nested state, as [`Scales::get`] computes them.
+#[inline(always)]
+fn decode_nested_generic(s: &Nested, b_lo: usize, out: &mut [f32]) {
+    let b_hi = b_lo + out.len();
+    let mut b = b_lo;
+    while b < b_hi {
+        let g = b / s.blocksize2;
+        let end = ((g + 1) * s.blocksize2).min(b_hi);
+        let a2 = s.absmax2[g];
+        for (o, &q) in out[b - b_lo..end - b_lo].iter_mut().zip(&s.qabsmax[b..end]) {
+            *o = s.code[q as usize] * a2 + s.offset;
+        }
+        b = end;
+    }
+}
+
+fn decode_nested(isa: Isa, s: &Nested, b_lo: usize, b_hi: usize) -> Vec<f32> {
+    let mut out = vec![0f32; b_hi - b_lo];
+    match isa {
+        // SAFETY: cpu::usable() only passes instruction sets this CPU has.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { x86::decode_nested_avx512(s, b_lo, &mut out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { x86::decode_nested_avx2(s, b_lo, &mut out) },
+        _ => decode_nested_generic(s, b_lo, &mut out),
+    }
+    out
+}
+
+/// What every task shares.
+struct Ctx<'a> {
+    w: &'a Weight4<'a>,
+    isa: Isa,
+    tiled: bool,
+    x: &'a XBuf,
+    tokens: usize,
+    table: &'a [f32; 16],
+    pairs: &'a [[f32; 2]; 256],
+}
+
+/// One task's rows [r0, r1) and the scales of the blocks they touch,
+/// starting at block `b_lo`.
+struct Part<'a> {
+    packed: &'a [u8],
+    /// Floats per token in x (natural layout).
+    xs: usize,
+    sc: &'a [f32],
+    b_lo: usize,
+    bs: usize,
+    k: usize,
+    table: &'a [f32; 16],
+    pairs: &'a [[f32; 2]; 256],
+    r0: usize,
+    r1: usize,
+}
+
+impl Ctx<'_> {
+    /// Rows starting at `r0`, `outs[t]` being token t's slice of them.
+    fn task<E: Elem>(&self, r0: usize, outs: &mut [&mut [E]]) {
+        let rows = outs[0].len();
+        let r1 = r0 + rows;
+        let (k, bs) = (self.w.k, self.w.blocksize);
+        let b_lo = r0 * k / bs;
+        let b_hi = (r1 * k).div_ceil(bs);
+        let decoded;
+        let sc: &[f32] = match &self.w.scales {
+            Scales::Plain(a) => &a[b_lo..b_hi],
+            Scales::Nested(s) => {
+                decoded = decode_nested(self.isa, s, b_lo, b_hi);
+                &decoded
+            }
+        };
+        let part = Part {
+            packed: self.w.packed,
+            xs: self.x.stride,
+            sc,
+            b_lo,
+            bs,
+            k,
+            table: self.table,
+            pairs: self.pairs,
+            r0,
+            r1,
+        };
+        let mut res = vec![0f32; self.tokens.min(TOKENS_PER_PASS) * rows];
+        for g0 in (0..self.tokens).step_by(TOKENS_PER_PASS) {
+            let nt = TOKENS_PER_PASS.min(self.tokens - g0);
+            let res = &mut res[..nt * rows];
+            kernel(self.isa, self.tiled, nt, &part, self.x.group(g0, nt), res);
+            for (o, r) in outs[g0..g0 + nt].iter_mut().zip(res.chunks_exact(rows)) {
+                for (d, &v) in o.iter_mut().zip(r) {
+                    *d = E::from_f32(v);
+                }
+            }
+        }
+    }
+}
+
+/// Runs the kernel for `nt` (1..=16) tokens: res[t * rows + r] = y[t, r0 + r].
+fn kernel(isa: Isa, tiled: bool, nt: usize, p: &Part, x: &[f32], res: &mut [f32]) {
+    debug_assert!(x.len() == nt * p.xs && res.len() == nt * (p.r1 - p.r0));
+    macro_rules! by_tokens {
+        ($($f:ident)::+) => {
+            match nt {
+                1 => $($f)::+::<1>(p, x, res),
+                2 => $($f)::+::<2>(p, x, res),
+                3 => $($f)::+::<3>(p, x, res),
+                4 => $($f)::+::<4>(p, x, res),
+                5 => $($f)::+::<5>(p, x, res),
+                6 => $($f)::+::<6>(p, x, res),
+                7 => $($f)::+::<7>(p, x, res),
+                8 => $($f)::+::<8>(p, x, res),
+                9 => $($f)::+::<9>(p, x, res),
+                10 => $($f)::+::<10>(p, x, res),
+                11 => $($f)::+::<11>(p, x, res),
+                12 => $($f)::+::<12>(p, x, res),
+                13 => $($f)::+::<13>(p, x, res),
+                14 => $($f)::+::<14>(p, x, res),
+                15 => $($f)::+::<15>(p, x, res),
+                16 => $($f)::+::<16>(p, x, res),
+                _ => unreachable!("at most {TOKENS_PER_PASS} tokens per pass, got {nt}"),
+            }
+        };
+    }
+    let _ = tiled; // only the AVX-512 path has a tiled kernel
+    match isa {
+        // SAFETY: cpu::usable() only passes instruction sets this CPU has; the
+        // tiled kernel's reads stay inside the slices (see its comments), and
+        // x is in the tiled layout exactly when `tiled` is set.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if tiled => unsafe {
+            // Accumulator chains per token: at least 8 independent FMA
+            // chains (4 cycles latency, 2 per cycle) in flight.
+            match nt {
+                1 => x86::tiled_avx512::<1, 8>(p, x, res),
+                2 => x86::tiled_avx512::<2, 4>(p, x, res),
+                3 => x86::tiled_avx512::<3, 3>(p, x, res),
+                4 => x86::tiled_avx512::<4, 2>(p, x, res),
+                5 => x86::tiled_avx512::<5, 2>(p, x, res),
+                6 => x86::tiled_avx512::<6, 2>(p, x, res),
+                7 => x86::tiled_avx512::<7, 2>(p, x, res),
+                8 => x86::tiled_avx512::<8, 1>(p, x, res),
+                9 => x86::tiled_avx512::<9, 1>(p, x, res),
+                10 => x86::tiled_avx512::<10, 1>(p, x, res),
+                11 => x86::tiled_avx512::<11, 1>(p, x, res),
+                12 => x86::tiled_avx512::<12, 1>(p, x, res),
+                13 => x86::tiled_avx512::<13, 1>(p, x, res),
+                14 => x86::tiled_avx512::<14, 1>(p, x, res),
+                15 => x86::tiled_avx512::<15, 1>(p, x, res),
+                16 => x86::tiled_avx512::<16, 1>(p, x, res),
+                _ => unreachable!("at most {TOKENS_PER_PASS} tokens per pass, got {nt}"),
+            }
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { by_tokens!(x86::generic_avx512) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { by_tokens!(x86::generic_avx2) },
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => unsafe { by_tokens!(arm::generic_neon) },
+        _ => by_tokens!(generic),
+    }
+}
+
+/// The reference path for any K: rows are cut at block boundaries, whole
+/// 32-weight runs (an even start: whole bytes) are decoded with a byte ->
+/// pair table into a buffer and multiplied into 32 lanes per token, which LLVM
+/// vectorizes; a row's odd first element and short runs go one by one.
+/// Accumulator lanes per token in the generic path (two AVX2 registers).
+const GL: usize = 16;
+
+#[inline(always)]
+fn generic<const NT: usize>(p: &Part, x: &[f32], res: &mut [f32]) {
+    let (k, bs) = (p.k, p.bs);
+    let rows = p.r1 - p.r0;
+    for (ri, n) in (p.r0..p.r1).enumerate() {
+        let mut acc = [[0f32; GL]; NT];
+        let mut single = [0f32; NT];
+        let e0 = n * k;
+        let end = e0 + k;
+        let mut e = e0;
+        let one = |e: usize, s: f32, single: &mut [f32; NT]| {
+            let byte = p.packed[e / 2];
+            let code = if e.is_multiple_of(2) { byte >> 4 } else { byte & 15 };
+            let v = p.table[code as usize] * s;
+            for (t, a) in single.iter_mut().enumerate() {
+                *a += v * x[t * p.xs + (e - e0)];
+            }
+        };
+        while e < end {
+            let b = e / bs;
+            let seg_end = end.min((b + 1) * bs);
+            let s = p.sc[b - p.b_lo];
+            if e % 2 == 1 {
+                one(e, s, &mut single);
+                e += 1;
+            }
+            while e + SUB <= seg_end {
+                let kk = e - e0;
+                let bytes: &[u8; SUB / 2] = p.packed[e / 2..e / 2 + SUB / 2].try_into().unwrap();
+                let mut wv = [0f32; SUB];
+                for (w2, &byte) in wv.chunks_exact_mut(2).zip(bytes) {
+                    let pr = p.pairs[byte as usize];
+                    w2[0] = pr[0] * s;
+                    w2[1] = pr[1] * s;
+                }
+                for (t, a) in acc.iter_mut().enumerate() {
+                    let xt: &[f32; SUB] = x[t * p.xs + kk..t * p.xs + kk + SUB].try_into().unwrap();
+                    for (w, xh) in wv.chunks_exact(GL).zip(xt.chunks_exact(GL)) {
+                        for l in 0..GL {
+                            a[l] += w[l] * xh[l];
+                        }
+                    }
+                }
+                e += SUB;
+            }
+            while e < seg_end {
+                one(e, s, &mut single);
+                e += 1;
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            res[t * rows + ri] = a.iter().sum::<f32>() + single[t];
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn generic_avx2<const NT: usize>(p: &Part, x: &[f32], res: &mut [f32]) {
+        generic::<NT>(p, x, res)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(super) unsafe fn generic_avx512<const NT: usize>(p: &Part, x: &[f32], res: &mut [f32]) {
+        generic::<NT>(p, x, res)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn decode_nested_avx2(s: &Nested, b_lo: usize, out: &mut [f32]) {
+        decode_nested_generic(s, b_lo, out)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(super) unsafe fn decode_nested_avx512(s: &Nested, b_lo: usize, out: &mut [f32]) {
+        decode_nested_generic(s, b_lo, out)
+    }
+
+    /// The 8 index vectors of a 64-byte tile at `p`: vector i holds (in the
+    /// low 4 bits of lane j) the code of element 8j + i. Reads 67 bytes: the
+    /// four loads at p..p+3 put byte 4j+o at the bottom of lane j, whose low
+    /// nibble is element 8j+2o+1 and high nibble element 8j+2o.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn nibbles(p: *const u8) -> [__m512i; 8] {
+        let l0 = _mm512_loadu_si512(p as *const __m512i);
+        let l1 = _mm512_loadu_si512(p.add(1) as *const __m512i);
+        let l2 = _mm512_loadu_si512(p.add(2) as *const __m512i);
+        let l3 = _mm512_loadu_si512(p.add(3) as *const __m512i);
+        [
+            _mm512_srli_epi32::<4>(l0),
+            l0,
+            _mm512_srli_epi32::<4>(l1),
+            l1,
+            _mm512_srli_epi32::<4>(l2),
+            l2,
+            _mm512_srli_epi32::<4>(l3),
+            l3,
+        ]
+    }
+
+    /// Bytes `nibbles` reads from the start of a tile.
+    const TILE_READ: usize = TILE / 2 + 3;
+
+    /// Bytes of x (all tokens of a pass) one K chunk should span, so that
+    /// the chunk stays in L1 while a group of rows reuses it.
+    const X_CHUNK_BYTES: usize = 16 << 10;
+
+    /// Rows that share one K chunk of x.
+    const ROW_GROUP: usize = 16;
+
+    /// Loop invariants of the tiled kernel.
+    struct Consts {
+        tbl: __m512,
+        lane8: __m512i,
+        shift: u32,
+        shift_v: __m512i,
+        nib: __m128i,
+    }
+
+    /// The AVX-512 kernel for K % 32 == 0, x in the tiled layout of [`XBuf`];
+    /// `CH` accumulator chains per token hide the FMA latency when there are
+    /// few tokens. When a row's x (all tokens) exceeds [`X_CHUNK_BYTES`], rows
+    /// go in groups of [`ROW_GROUP`] through K in chunks that fit L1, the
+    /// accumulators parked in between.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(super) unsafe fn tiled_avx512<const NT: usize, const CH: usize>(p: &Part, x: &[f32], res: &mut [f32]) {
+        debug_assert!(x.len() == NT * p.k && (x.as_ptr() as usize).is_multiple_of(64));
+        let bs = p.bs;
+        let shift = bs.trailing_zeros();
+        let cx = Consts {
+            tbl: _mm512_loadu_ps(p.table.as_ptr()),
+            lane8: _mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120),
+            shift,
+            shift_v: _mm512_set1_epi32(shift as i32),
+            nib: _mm_set1_epi8(0x0f),
+        };
+        let rows = p.r1 - p.r0;
+        let tiles = p.k / TILE;
+        let chunk = (X_CHUNK_BYTES / (NT * TILE * 4)).max(1);
+        let zero = [[_mm512_setzero_ps(); CH]; NT];
+        if tiles <= chunk {
+            for n in p.r0..p.r1 {
+                let mut acc = zero;
+                row_part::<NT, CH>(&cx, p, x, n, 0, tiles, true, &mut acc);
+                finish::<NT, CH>(&acc, res, rows, n - p.r0);
+            }
+            return;
+        }
+        let mut parked = [zero; ROW_GROUP];
+        for g in (p.r0..p.r1).step_by(ROW_GROUP) {
+            let g_end = (g + ROW_GROUP).min(p.r1);
+            let mut c0 = 0;
+            while c0 < tiles {
+                let c1 = (c0 + chunk).min(tiles);
+                let last = c1 == tiles;
+                for (n, slot) in (g..g_end).zip(parked.iter_mut()) {
+                    let mut acc = if c0 == 0 { zero } else { *slot };
+                    row_part::<NT, CH>(&cx, p, x, n, c0, c1, last, &mut acc);
+                    if last {
+                        finish::<NT, CH>(&acc, res, rows, n - p.r0);
+                    } else {
+                        *slot = acc;
+                    }
+                }
+                c0 = c1;
+            }
+        }
+    }
+
+    /// res[t * rows + r] = the sum of token t's accumulators.
+    ///
+    /// `finish` and `row_part` are always inlined into the kernel (a
+    /// `#[target_feature]` function cannot be `inline(always)`), so that the
+    /// accumulators stay in registers; they must only be called from there.
+    #[inline(always)]
+    unsafe fn finish<const NT: usize, const CH: usize>(acc: &[[__m512; CH]; NT], res: &mut [f32], rows: usize, r: usize) {
+        for (t, a) in acc.iter().enumerate() {
+            let mut s = a[0];
+            for &c in &a[1..] {
+                s = _mm512_add_ps(s, c);
+            }
+            res[t * rows + r] = _mm512_reduce_add_ps(s);
+        }
+    }
+
+    /// Adds tiles [c0, c1) of row n (and its 32-element tail tiles if `tail`)
+    /// times x to the accumulators. Bounds are checked once per call; the
+    /// tile loop only moves pointers.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn row_part<const NT: usize, const CH: usize>(
+        cx: &Consts,
+        p: &Part,
+        x: &[f32],
+        n: usize,
+        c0: usize,
+        c1: usize,
+        tail: bool,
+        acc: &mut [[__m512; CH]; NT],
+    ) {
+        let (k, bs, shift) = (p.k, p.bs, cx.shift);
+        let packed = p.packed;
+        let e0 = n * k;
+        let tiles = k / TILE;
+        assert!(c0 <= c1 && c1 <= tiles && n >= p.r0 && n < p.r1 && x.len() == NT * k);
+        if c0 < c1 {
+            // The tiles' bytes [e0/2 + 64 c0, e0/2 + 64 c1) lie inside `packed`
+            // (e0 + k <= n_rows * k); `nibbles` reads 3 bytes further, which the
+            // matrix's very last tile may not have: that one goes via a copy.
+            let first_byte = e0 / 2 + c0 * TILE / 2;
+            let fast_end = if e0 / 2 + c1 * TILE / 2 + 3 <= packed.len() { c1 } else { c1 - 1 };
+            // The tiles' blocks, all among this task's scales.
+            let b_first = (e0 + c0 * TILE) >> shift;
+            let b_last = (e0 + c1 * TILE - 1) >> shift;
+            assert!(b_first >= p.b_lo && b_last < p.b_lo + p.sc.len());
+            let mut pk = packed.as_ptr().add(first_byte);
+            let mut sp = p.sc.as_ptr().add(b_first - p.b_lo);
+            // Slot v of token t is at x + (v * NT + t) * 16; tile c's slots are 8c..8c+8.
+            let mut xo = x.as_ptr().add(c0 * 8 * NT * 16);
+            let mut spare = [0u8; TILE_READ];
+            let mut load = |c: usize, pk: *const u8| {
+                if c < fast_end {
+                    nibbles(pk)
+                } else {
+                    std::ptr::copy_nonoverlapping(pk, spare.as_mut_ptr(), TILE / 2);
+                    nibbles(spare.as_ptr())
+                }
+            };
+            let mut off = (e0 + c0 * TILE) & (bs - 1);
+            if bs <= TILE && (bs < TILE || off != 0) {
+                // Every tile spans the same pattern of blocks: lane j (elements
+                // 8j..8j+8) lies in block first + (off + 8j) / bs, `count` <= 4
+                // blocks from `sp` on, TILE / bs blocks further each tile.
+                let sidx = _mm512_srlv_epi32(_mm512_add_epi32(_mm512_set1_epi32(off as i32), cx.lane8), cx.shift_v);
+                let count = ((off + TILE - 1) >> shift) + 1;
+                let mask = ((1u32 << count) - 1) as __mmask16;
+                let step = TILE >> shift;
+                for c in c0..c1 {
+                    let idx = load(c, pk);
+                    let sv = _mm512_permutexvar_ps(sidx, _mm512_maskz_loadu_ps(mask, sp));
+                    cross_tile::<NT, CH>(&idx, cx.tbl, sv, xo, acc);
+                    pk = pk.add(TILE / 2);
+                    sp = sp.add(step);
+                    xo = xo.add(8 * NT * 16);
+                }
+            } else {
+                // Blocks of >= 128: a tile lies in one block, except where a
+                // row starting mid-block (off % 128 != 0) crosses a boundary.
+                for c in c0..c1 {
+                    let idx = load(c, pk);
+                    if off + TILE <= bs {
+                        let tab = _mm512_mul_ps(cx.tbl, _mm512_set1_ps(*sp));
+                        uniform_tile::<NT, CH>(&idx, tab, xo, acc);
+                    } else {
+                        // Blocks sp[0] (lanes below (bs - off) / 8) and sp[1].
+                        let sidx = _mm512_srlv_epi32(_mm512_add_epi32(_mm512_set1_epi32(off as i32), cx.lane8), cx.shift_v);
+                        let sv = _mm512_permutexvar_ps(sidx, _mm512_maskz_loadu_ps(0b11, sp));
+                        cross_tile::<NT, CH>(&idx, cx.tbl, sv, xo, acc);
+                    }
+                    off += TILE;
+                    if off >= bs {
+                        off -= bs;
+                        sp = sp.add(1);
+                    }
+                    pk = pk.add(TILE / 2);
+                    xo = xo.add(8 * NT * 16);
+                }
+            }
+        }
+        if !tail {
+            return;
+        }
+        let k128 = tiles * TILE;
+        let xp = x.as_ptr();
+        for m in 0..(k - k128) / SUB {
+            // 32 weights in natural order, inside one block (e % 32 == 0).
+            let e = e0 + k128 + m * SUB;
+            let tab = _mm512_mul_ps(cx.tbl, _mm512_set1_ps(p.sc[(e >> shift) - p.b_lo]));
+            let src = &packed[e / 2..e / 2 + SUB / 2];
+            let bytes = _mm_loadu_si128(src.as_ptr() as *const __m128i);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), cx.nib);
+            let lo = _mm_and_si128(bytes, cx.nib);
+            let w0 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), tab);
+            let w1 = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpackhi_epi8(hi, lo)), tab);
+            let xo = xp.add((k128 / 16 + 2 * m) * NT * 16);
+            for (t, a) in acc.iter_mut().enumerate() {
+                a[0] = _mm512_fmadd_ps(w0, _mm512_load_ps(xo.add(t * 16)), a[0]);
+                a[1 % CH] = _mm512_fmadd_ps(w1, _mm512_load_ps(xo.add((NT + t) * 16)), a[1 % CH]);
+            }
+        }
+    }
+
+    /// A tile inside one block: `tab` is the code book times its scale.
+    #[inline(always)]
+    unsafe fn uniform_tile<const NT: usize, const CH: usize>(
+        idx: &[__m512i; 8],
+        tab: __m512,
+        xo: *const f32,
+        acc: &mut [[__m512; CH]; NT],
+    ) {
+        for (i, &ix) in idx.iter().enumerate() {
+            let w = _mm512_permutexvar_ps(ix, tab);
+            for (t, a) in acc.iter_mut().enumerate() {
+                a[i % CH] = _mm512_fmadd_ps(w, _mm512_load_ps(xo.add((i * NT + t) * 16)), a[i % CH]);
+            }
+        }
+    }
+
+    /// A tile across blocks: `sv` holds the scale of each lane.
+    #[inline(always)]
+    unsafe fn cross_tile<const NT: usize, const CH: usize>(
+        idx: &[__m512i; 8],
+        tbl: __m512,
+        sv: __m512,
+        xo: *const f32,
+        acc: &mut [[__m512; CH]; NT],
+    ) {
+        if NT < 8 {
+            // Sum the tile unscaled, then scale once per token (two chains
+            // per token at most: the tiles' sums are independent).
+            let mut ta = [[_mm512_setzero_ps(); 2]; NT];
+            for (i, &ix) in idx.iter().enumerate() {
+                let w = _mm512_permutexvar_ps(ix, tbl);
+                for (t, a) in ta.iter_mut().enumerate() {
+                    let ch = i % CH.min(2);
+                    a[ch] = _mm512_fmadd_ps(w, _mm512_load_ps(xo.add((i * NT + t) * 16)), a[ch]);
+                }
+            }
+            for (a, s) in acc.iter_mut().zip(&ta) {
+                let s = if CH > 1 { _mm512_add_ps(s[0], s[1]) } else { s[0] };
+                a[0] = _mm512_fmadd_ps(s, sv, a[0]);
+            }
+        } else {
+            // Many tokens: scale the 128 weights once.
+            for (i, &ix) in idx.iter().enumerate() {
+                let w = _mm512_mul_ps(_mm512_permutexvar_ps(ix, tbl), sv);
+                for (t, a) in acc.iter_mut().enumerate() {
+                    a[i % CH] = _mm512_fmadd_ps(w, _mm512_load_ps(xo.add((i * NT + t) * 16)), a[i % CH]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::*;
+
+    #[target_feature(enable = "neon")]
+    pub(super) unsafe fn generic_neon<const NT: usize>(p: &Part, x: &[f32], res: &mut [f32]) {
+        generic::<NT>(p, x, res)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blockwise8::{double_quantize, mean, Code8};
+    use crate::dynamic_map::dynamic_signed;
+    use crate::elem::{Bf16, F16};
+    use crate::nf4::{quantize_4bit, BLOCK_SIZES};
+
+    /// Deterministic pseudo-normal values (sum of uniforms), scaled per call.
+    fn data(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                let mut acc = 0.0f32;
+                for _ in 0..4 {
+                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    acc += ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5;
+                }
+                acc * scale
+            })
+            .collect()
+    }
+
+    /// A quantized matrix with plain scales and the same one with nested scales.
+    struct Mat {
+        packed: Vec<u8>,
+        absmax: Vec<f32>,
+        qabsmax: Vec<u8>,
+        absmax2: Vec<f32>,
+        code: [f32; 256],
+        offset: f32,
+        qt: QuantType,
+        bs: usize,
+        n: usize,
+        k: usize,
+    }
+
+    impl Mat {
+        fn new(n: usize, k: usize, qt: QuantType, bs: usize, seed: u64) -> Mat {
+            let w = data(n * k, seed, 0.5);
+            let mut packed = vec![0u8; packed_len(n * k)];
+            let mut absmax = vec![0f32; (n * k).div_ceil(bs)];
+            quantize_4bit(&w, qt, bs, &mut packed, &mut absmax, 1).unwrap();
+            let code = Code8::new(dynamic_signed()).unwrap();
+            let offset = mean(&absmax);
+            let mut qabsmax = vec![0u8; absmax.len()];
+            let mut absmax2 = vec![0f32; absmax.len().div_ceil(256)];
+            double_quantize(&absmax, offset, &code, &mut qabsmax, &mut absmax2, 1).unwrap();
+            Mat { packed, absmax, qabsmax, absmax2, code: code.values, offset, qt, bs, n, k }
+        }
+
+        fn weight(&self, nested: bool) -> Weight4<'_> {
+            let scales = if nested {
+                Scales::Nested(Nested {
+                    qabsmax: &self.qabsmax,
+                    absmax2: &self.absmax2,
+                    code: &self.code,
+                    offset: self.offset,
+                    blocksize2: 256,
+                })
+            } else {
+                Scales::Plain(&self.absmax)
+            };
+            Weight4 { packed: &self.packed, scales, quant_type: self.qt, blocksize: self.bs, n: self.n, k: self.k }
+        }
+    }
+
+    /// Naive float64 reference: (y, sum |x * w|) per output.
+    fn reference(w: &Weight4, x: &[f32], tokens: usize) -> (Vec<f64>, Vec<f64>) {
+        let (n, k) = (w.n, w.k);
+        let table = w.quant_type.table();
+        let mut y = vec![0f64; tokens * n];
+        let mut mag = vec![0f64; tokens * n];
+        for r in 0..n {
+            for c in 0..k {
+                let e = r * k + c;
+                let byte = w.packed[e / 2];
+                let code = if e % 2 == 0 { byte >> 4 } else { byte & 15 };
+                let wv = (table[code as usize] * w.scales.get(e / w.blocksize)) as f64;
+                for t in 0..tokens {
+                    let p = x[t * k + c] as f64 * wv;
+                    y[t * n + r] += p;
+                    mag[t * n + r] += p.abs();
+                }
+            }
+        }
+        (y, mag)
+    }
+
+    fn run<E: Elem>(isa: Isa, w: &Weight4, x: &[f32], tokens: usize, threads: usize) -> Vec<f32> {
+        let xe: Vec<E> = x.iter().map(|&v| E::from_f32(v)).collect();
+        let mut y = vec![E::from_f32(f32::NAN); tokens * w.n];
+        gemv_4bit_isa(isa, w, &xe, tokens, &mut y, threads).unwrap();
+        y.iter().map(|v| v.to_f32()).collect()
+    }
+
+    /// |got - want| <= rel_out * |want| + 1e-5 * sum |x w| (+ a hair for f16 subnormals).
+    fn assert_close(got: &[f32], want: &[f64], mag: &[f64], rel_out: f64, what: &str) {
+        for (i, ((&g, &r), &m)) in got.iter().zip(want).zip(mag).enumerate() {
+            let tol = rel_out * r.abs() + 1e-5 * m + 1e-7;
+            assert!(((g as f64) - r).abs() <= tol, "{what}: output {i}: got {g}, want {r} (tol {tol})");
+        }
+    }
+
+    fn check_all_paths(m: &Mat, nested: bool, tokens: usize, threads: &[usize]) {
+        let w = m.weight(nested);
+        let seed = (m.n * 31 + m.k * 7 + tokens) as u64;
+        // Inputs that are exact in bfloat16 and float16, so every dtype has the same reference.
+        let x: Vec<f32> = data(tokens * m.k, seed, 2.0).iter().map(|&v| Bf16::from_f32(v).to_f32()).collect();
+        let (want, mag) = reference(&w, &x, tokens);
+        let what = |isa: Isa, dt: &str, th: usize| {
+            format!("{isa:?} {dt} {:?} bs={} nested={nested} n={} k={} tokens={tokens} threads={th}", m.qt, m.bs, m.n, m.k)
+        };
+        for isa in cpu::available() {
+            for &th in threads {
+                assert_close(&run::<f32>(isa, &w, &x, tokens, th), &want, &mag, 0.0, &what(isa, "f32", th));
+                assert_close(&run::<Bf16>(isa, &w, &x, tokens, th), &want, &mag, 1.0 / 256.0, &what(isa, "bf16", th));
+                assert_close(&run::<F16>(isa, &w, &x, tokens, th), &want, &mag, 1.0 / 1024.0, &what(isa, "f16", th));
+            }
+        }
+    }
+
+    #[test]
+    fn every_path_matches_the_reference() {
+        // K % 128 == 0, K % 32 == 0 with a 32-element tail, K % 32 != 0 (odd too).
+        let shapes = [(3, 128), (5, 32), (4, 96), (3, 160), (2, 416), (5, 33), (4, 1), (3, 7), (3, 100), (2, 130)];
+        for qt in [QuantType::Nf4, QuantType::Fp4] {
+            for &bs in &BLOCK_SIZES {
+                for (i, &(n, k)) in shapes.iter().enumerate() {
+                    let m = Mat::new(n, k, qt, bs, (bs + i) as u64);
+                    for tokens in [1, 2, 3, 5, 8] {
+                        check_all_paths(&m, i % 2 == 0, tokens, &[1]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_token_count_and_thread_count() {
+        for qt in [QuantType::Nf4, QuantType::Fp4] {
+            for (n, k, bs) in [(37, 256, 64), (19, 160, 32), (23, 1056, 4096), (17, 99, 128)] {
+                let m = Mat::new(n, k, qt, bs, n as u64);
+                for tokens in (1..=17).chain([31, 33]) {
+                    check_all_paths(&m, tokens % 2 == 0, tokens, &[1, 3]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn many_rows_split_among_tasks() {
+        // Several tasks per thread, blocks that span rows (K=32, bs=4096) and
+        // rows that start mid-block (K=2080, bs=256), the last tile of the matrix.
+        for (n, k, bs) in [(700, 2048, 64), (3000, 32, 4096), (130, 2080, 256), (301, 1025, 32)] {
+            let m = Mat::new(n, k, QuantType::Nf4, bs, k as u64);
+            for tokens in [1, 4, 16] {
+                check_all_paths(&m, tokens != 4, tokens, &[2, 3]);
+            }
+        }
+    }
+
+    #[test]
+    fn nested_scales_decode_like_scales_get() {
+        let m = Mat::new(40, 999, QuantType::Nf4, 32, 3);
+        let Scales::Nested(s) = m.weight(true).scales else { unreachable!() };
+        for isa in cpu::available() {
+            for (lo, hi) in [(0, 1249), (7, 300), (255, 257), (1000, 1249)] {
+                let got = decode_nested(isa, &s, lo, hi);
+                let want: Vec<f32> = (lo..hi).map(|b| Scales::Nested(s).get(b)).collect();
+                assert_eq!(got, want, "{isa:?} {lo}..{hi}");
+            }
+        }
+    }
+
+    #[test]
+    fn empty_shapes() {
+        let m = Mat::new(4, 64, QuantType::Nf4, 64, 1);
+        let w = m.weight(false);
+        let mut y: Vec<f32> = vec![];
+        gemv_4bit(&w, &[], 0, &mut y, 2).unwrap();
+        let w0 = Weight4 { packed: &[], scales: Scales::Plain(&[]), quant_type: QuantType::Nf4, blocksize: 64, n: 3, k: 0 };
+        let mut y = vec![1f32; 6];
+        gemv_4bit(&w0, &[], 2, &mut y, 2).unwrap();
+        assert_eq!(y, vec![0.0; 6]);
+        let wn = Weight4 { n: 0, k: 5, ..w0 };
+        gemv_4bit(&wn, &[0.0f32; 10], 2, &mut [], 2).unwrap();
+    }
+
+    #[test]
+    fn bad_lengths_are_errors() {
+        let m = Mat::new(4, 64, QuantType::Nf4, 64, 1);
+        let w = m.weight(false);
+        let x = vec![0.5f32; 128];
+        let mut y = vec![0f32; 8];
+        assert!(gemv_4bit(&w, &x, 2, &mut y, 1).is_ok());
+        assert!(gemv_4bit(&w, &x[..127], 2, &mut y, 1).is_err());
+        assert!(gemv_4bit(&w, &x, 3, &mut y, 1).is_err());
+        assert!(gemv_4bit(&w, &x, 2, &mut y[..7], 1).is_err());
+        let bad = |w2: Weight4| gemv_4bit(&w2, &x, 2, &mut y.clone(), 2).is_err();
+        assert!(bad(Weight4 { packed: &m.packed[..100], ..w }));
+        assert!(bad(Weight4 { scales: Scales::Plain(&m.absmax[..3]), ..w }));
+        assert!(bad(Weight4 { blocksize: 48, ..w }));
+        assert!(bad(Weight4 { n: 5, ..w }));
+        assert!(bad(Weight4 { n: usize::MAX, k: 3, ..w }));
+        let nested = m.weight(true);
+        let Scales::Nested(s) = nested.scales else { unreachable!() };
+        let mut w3 = nested;
+        w3.scales = Scales::Nested(Nested { absmax2: &[], ..s });
+        assert!(gemv_4bit(&w3, &x, 2, &mut y, 1).is_err());
+        // tokens * K overflowing is an error, not a panic.
+        assert!(gemv_4bit(&w, &x, usize::MAX / 2, &mut y, 1).is_err());
+    }
+
+    proptest::proptest! {
+        /// Any small shape: every path agrees with the reference.
+        #[test]
+        fn random_shapes(n in 1usize..40, k in 1usize..300, tokens in 1usize..20, bs_i in 0usize..8,
+                         fp4 in proptest::bool::ANY, nested in proptest::bool::ANY) {
+            let qt = if fp4 { QuantType::Fp4 } else { QuantType::Nf4 };
+            let m = Mat::new(n, k, qt, BLOCK_SIZES[bs_i], (n * k) as u64);
+            check_all_paths(&m, nested, tokens, &[2]);
+        }
+    }
+}
