@@ -263,3 +263,14 @@ def test_linear_4bit_dispatch_agrees_on_both_sides_of_the_crossover(tokens, monk
     y = qpeft.functional.linear_4bit(x, layer.weight, layer.quant_state)
     assert bool(calls) == (tokens <= qpeft.functional.GEMV_MAX_TOKENS)
     torch.testing.assert_close(y, F.linear(x, layer.dequantize()), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_4bit_called_under_autograd_does_not_reuse_its_buffer():
+    """Outside MatMul4bit, F.linear saves the weight: the reusable buffer must not be it."""
+    _, a = make_layer(in_f=128, out_f=64)
+    _, b = make_layer(in_f=128, out_f=64, quant_type="fp4")
+    x = torch.randn(40, 128, requires_grad=True)
+    y = qpeft.functional.linear_4bit(x, a.weight, a.quant_state)
+    qpeft.functional.linear_4bit(x.detach(), b.weight, b.quant_state)  # would overwrite a shared buffer
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, a.dequantize().sum(0).expand(40, 128), rtol=1e-5, atol=1e-5)

@@ -24,11 +24,6 @@ from . import functional
 __all__ = ["MatMul4bit", "matmul_4bit"]
 
 
-def _dense(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
-    w = functional.dequantize_4bit(weight, quant_state)
-    return w if w.dtype == dtype else w.to(dtype)
-
-
 class MatMul4bit(torch.autograd.Function):
     """``y = x @ W.T + bias`` with W stored in 4 bits (bitsandbytes layout)."""
 
@@ -48,7 +43,7 @@ class MatMul4bit(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ _dense(weight, ctx.quant_state, grad_out.dtype)
+            grad_x = functional.grad_input_4bit(grad_out, weight, ctx.quant_state)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
         return grad_x, None, None, grad_bias

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import weakref
 from typing import Any, Mapping, Optional
 
@@ -44,6 +45,7 @@ __all__ = [
     "dequantize_4bit",
     "gemv_4bit",
     "linear_4bit",
+    "grad_input_4bit",
     "GEMV_MAX_TOKENS",
     "quantize_blockwise",
     "dequantize_blockwise",
@@ -531,6 +533,12 @@ def dequantize_4bit(
         out = torch.empty(shape, dtype=qs.dtype)
     else:
         _check_out(out, n, qs.dtype)
+    return _dequantize_4bit_into(packed, qs, out)
+
+
+def _dequantize_4bit_into(packed: torch.Tensor, qs, out: torch.Tensor) -> torch.Tensor:
+    """Dequantize checked, contiguous uint8 ``packed`` into ``out`` of any float dtype."""
+    dtype_name = _FLOAT_DTYPES[out.dtype]
     kwargs: dict[str, Any] = {}
     if qs.nested:
         s2 = qs.state2
@@ -855,5 +863,41 @@ def linear_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantState) 
         and len(quant_state.shape) == 2
     ):
         return gemv_4bit(x, weight, quant_state)
-    w = dequantize_4bit(weight, quant_state)
-    return torch.nn.functional.linear(x, w if w.dtype == x.dtype else w.to(x.dtype))
+    return torch.nn.functional.linear(x, _dense_scratch(weight, quant_state, x.dtype, x.requires_grad))
+
+
+def grad_input_4bit(grad_out: torch.Tensor, weight: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
+    """``grad_out @ W`` for a 4-bit ``W``: the input gradient of :func:`linear_4bit`."""
+    return grad_out @ _dense_scratch(weight, quant_state, grad_out.dtype, grad_out.requires_grad)
+
+
+_scratch = threading.local()
+
+
+def _dense_scratch(weight: torch.Tensor, quant_state, dtype: torch.dtype, requires_grad: bool) -> torch.Tensor:
+    """The dense weight in ``dtype``, in a per-thread buffer reused from call to call.
+
+    A fresh multi-megabyte tensor per call costs more in page faults than the
+    dequantization itself; reusing one buffer (the size of the largest layer
+    seen) removes that. The result is only valid until this thread's next
+    call: callers must use it at once and never keep it (F.linear and matmul
+    do not, outside autograd).
+    """
+    # Under autograd the weight would be saved for backward: never hand out the buffer then.
+    recorded = torch.is_grad_enabled() and (requires_grad or weight.requires_grad)
+    if recorded or dtype not in _FLOAT_DTYPES or weight.device.type != "cpu":
+        w = dequantize_4bit(weight, quant_state)
+        return w if w.dtype == dtype else w.to(dtype)
+    shape = torch.Size(quant_state.shape)
+    numel = math.prod(shape)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=dtype)
+    out = buf[:numel].view(shape)
+    packed = weight.detach()
+    if packed.dtype != torch.uint8:
+        packed = packed.contiguous().view(torch.uint8)
+    packed = packed.contiguous()
+    if packed.numel() != (numel + 1) // 2:
+        raise ValueError(f"packed data has {packed.numel()} bytes, but shape {list(shape)} needs {(numel + 1) // 2}")
+    return _dequantize_4bit_into(packed, quant_state, out)
