@@ -539,22 +539,25 @@ def dequantize_4bit(
 def _dequantize_4bit_into(packed: torch.Tensor, qs, out: torch.Tensor) -> torch.Tensor:
     """Dequantize checked, contiguous uint8 ``packed`` into ``out`` of any float dtype."""
     dtype_name = _FLOAT_DTYPES[out.dtype]
-    kwargs: dict[str, Any] = {}
-    if qs.nested:
-        s2 = qs.state2
-        kwargs.update(
-            qabsmax=_flat_view(_cpu_contig(qs.absmax, torch.uint8, "absmax")),
-            absmax2=_flat_view(_cpu_contig(s2.absmax, torch.float32, "state2.absmax")),
-            code2=_flat_view(_cpu_contig(s2.code, torch.float32, "state2.code")),
-            offset=float(qs.offset),
-            blocksize2=_check_blocksize8(s2.blocksize),
-        )
-    else:
-        kwargs["absmax"] = _flat_view(_cpu_contig(qs.absmax, torch.float32, "absmax"))
+    kwargs = _scale_kwargs(qs, _flat_view)
     _native.dequantize_4bit(
         _flat_view(packed), qs.quant_type, qs.blocksize, _flat_view(out), dtype_name, _threads(), **kwargs
     )
     return out
+
+
+def _scale_kwargs(qs, view) -> dict[str, Any]:
+    """A 4-bit state's block scales as the native kernels' keyword arguments."""
+    if not qs.nested:
+        return {"absmax": view(_cpu_contig(qs.absmax, torch.float32, "absmax"))}
+    s2 = qs.state2
+    return {
+        "qabsmax": view(_cpu_contig(qs.absmax, torch.uint8, "absmax")),
+        "absmax2": view(_cpu_contig(s2.absmax, torch.float32, "state2.absmax")),
+        "code2": view(_cpu_contig(s2.code, torch.float32, "state2.code")),
+        "offset": float(qs.offset),
+        "blocksize2": _check_blocksize8(s2.blocksize),
+    }
 
 
 def _cpu_contig(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -721,17 +724,7 @@ def _check_weight(B: torch.Tensor, qs: Any) -> tuple[int, int, dict[str, Any]]:
     kwargs: dict[str, Any] = dict(
         packed=packed.numpy().reshape(-1), quant_type=qs.quant_type, blocksize=qs.blocksize, n=n, k=k
     )
-    if qs.nested:
-        s2 = qs.state2
-        kwargs.update(
-            qabsmax=_np_flat(_cpu_contig(qs.absmax, torch.uint8, "absmax")),
-            absmax2=_np_flat(_cpu_contig(s2.absmax, torch.float32, "state2.absmax")),
-            code2=_np_flat(_cpu_contig(s2.code, torch.float32, "state2.code")),
-            offset=float(qs.offset),
-            blocksize2=_check_blocksize8(s2.blocksize),
-        )
-    else:
-        kwargs["absmax"] = _np_flat(_cpu_contig(qs.absmax, torch.float32, "absmax"))
+    kwargs.update(_scale_kwargs(qs, _np_flat))
     return n, k, kwargs
 
 # ------------------------------------------------------------------ 8-bit

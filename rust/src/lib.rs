@@ -176,6 +176,33 @@ mod bindings {
         };
     }
 
+    /// Block scales from the optional arguments of the 4-bit bindings: plain
+    /// `absmax`, or the nested triple (its 256-entry code copied into `code`).
+    fn scales<'a>(
+        absmax: &'a Option<PyReadonlyArray1<'_, f32>>,
+        qabsmax: &'a Option<PyReadonlyArray1<'_, u8>>,
+        absmax2: &'a Option<PyReadonlyArray1<'_, f32>>,
+        code2: &Option<PyReadonlyArray1<'_, f32>>,
+        offset: f32,
+        blocksize2: usize,
+        code: &'a mut [f32; 256],
+    ) -> PyResult<Scales<'a>> {
+        match (absmax, qabsmax, absmax2, code2) {
+            (Some(a), None, None, None) => Ok(Scales::Plain(slice(a, "absmax")?)),
+            (None, Some(q), Some(a2), Some(c)) => {
+                *code = code256(slice(c, "nested code")?)?;
+                Ok(Scales::Nested(Nested {
+                    qabsmax: slice(q, "nested codes")?,
+                    absmax2: slice(a2, "nested absmax")?,
+                    code,
+                    offset,
+                    blocksize2,
+                }))
+            }
+            _ => Err(PyValueError::new_err("pass either absmax, or all of qabsmax, absmax2 and code2")),
+        }
+    }
+
     /// The instruction set the kernels use on this CPU.
     #[pyfunction]
     fn cpu_isa() -> &'static str {
@@ -248,25 +275,8 @@ mod bindings {
         let qt = parse_quant_type(quant_type)?;
         let isa = parse_isa(isa)?;
         let packed = slice(&packed, "packed")?;
-        let code;
-        let scales = match (&absmax, &qabsmax, &absmax2, &code2) {
-            (Some(a), None, None, None) => Scales::Plain(slice(a, "absmax")?),
-            (None, Some(q), Some(a2), Some(c)) => {
-                code = code256(slice(c, "nested code")?)?;
-                Scales::Nested(Nested {
-                    qabsmax: slice(q, "nested codes")?,
-                    absmax2: slice(a2, "nested absmax")?,
-                    code: &code,
-                    offset,
-                    blocksize2,
-                })
-            }
-            _ => {
-                return Err(PyValueError::new_err(
-                    "pass either absmax, or all of qabsmax, absmax2 and code2",
-                ))
-            }
-        };
+        let mut code = [0.0f32; 256];
+        let scales = scales(&absmax, &qabsmax, &absmax2, &code2, offset, blocksize2, &mut code)?;
         let mut outp = output(out, dtype)?;
         with_output!(outp, o => run(py, || {
             nf4::dequantize_4bit_isa(isa, packed, scales, qt, blocksize, o, threads)
@@ -349,25 +359,8 @@ mod bindings {
         let quant_type = parse_quant_type(quant_type)?;
         let isa = parse_isa(isa)?;
         let packed = slice(&packed, "packed")?;
-        let code;
-        let scales = match (&absmax, &qabsmax, &absmax2, &code2) {
-            (Some(a), None, None, None) => Scales::Plain(slice(a, "absmax")?),
-            (None, Some(q), Some(a2), Some(c)) => {
-                code = code256(slice(c, "nested code")?)?;
-                Scales::Nested(Nested {
-                    qabsmax: slice(q, "nested codes")?,
-                    absmax2: slice(a2, "nested absmax")?,
-                    code: &code,
-                    offset,
-                    blocksize2,
-                })
-            }
-            _ => {
-                return Err(PyValueError::new_err(
-                    "pass either absmax, or all of qabsmax, absmax2 and code2",
-                ))
-            }
-        };
+        let mut code = [0.0f32; 256];
+        let scales = scales(&absmax, &qabsmax, &absmax2, &code2, offset, blocksize2, &mut code)?;
         let w = Weight4 { packed, scales, quant_type, blocksize, n, k };
         let inp = input(x, dtype)?;
         let mut outp = output(out, dtype)?;
