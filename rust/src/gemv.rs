@@ -954,22 +954,8 @@ mod tests {
     use crate::blockwise8::{double_quantize, mean, Code8};
     use crate::dynamic_map::dynamic_signed;
     use crate::elem::{Bf16, F16};
+    use crate::nf4::tests::data;
     use crate::nf4::{quantize_4bit, BLOCK_SIZES};
-
-    /// Deterministic pseudo-normal values (sum of uniforms), scaled per call.
-    fn data(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                let mut acc = 0.0f32;
-                for _ in 0..4 {
-                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    acc += ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5;
-                }
-                acc * scale
-            })
-            .collect()
-    }
 
     /// A quantized matrix with plain scales and the same one with nested scales.
     struct Mat {

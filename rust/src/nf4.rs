@@ -734,12 +734,12 @@ pub fn dequantize_4bit_isa<T: Elem>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::elem::{Bf16, F16};
 
     /// Deterministic pseudo-normal values (sum of uniforms), scaled per call.
-    fn data(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    pub(crate) fn data(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
