@@ -127,6 +127,8 @@ class LoraLinear(nn.Module):
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        # A module added to an eval-mode model must not start in training mode.
+        self.lora_dropout[name].train(self.training)
         self.r[name] = r
         self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         if use_dora:
@@ -204,7 +206,7 @@ class LoraLinear(nn.Module):
             )
         first, rest = active[0], active[1:]
         drop = self.lora_dropout[first]
-        p = drop.p if isinstance(drop, nn.Dropout) and self.training else 0.0
+        p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
         out = lora_linear_4bit(
             x, self.base_layer, self.lora_A[first], self.lora_B[first], self.scaling[first], p,
             self.lora_magnitude_vector[first] if first in self.lora_magnitude_vector else None,

@@ -94,6 +94,12 @@ class LoraModel(nn.Module):
                 f"LoRA applies to nn.Linear, transformers Conv1D and qpeft.nn.Linear4bit; target_modules "
                 f"{config.target_modules!r} also selects {bad[:5]}; narrow target_modules to linear layers"
             )
+        taken = [t for t in targets if name in getattr(self.model.get_submodule(t), "lora_A", {})]
+        if taken:
+            raise ValueError(
+                f"{taken[0]} already has a LoRA adapter named {name!r} (the model was adapted before, e.g. by "
+                "an earlier get_peft_model); pass a fresh model or use add_adapter with another name"
+            )
         saved = self._find_modules_to_save(config.modules_to_save or [])
         for path in targets:
             module = self.model.get_submodule(path)
