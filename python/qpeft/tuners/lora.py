@@ -195,7 +195,7 @@ class LoraLinear(nn.Module):
             base = result if bias is None else result - bias
         else:
             base = F.linear(xa, W)
-        return (g - 1) * base + g * (F.linear(F.linear(xa, A), B) * s)
+        return (g - 1) * base + g * F.linear(F.linear(xa, A), B) * s
 
     def _forward_4bit(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         dora = [a for a in active if a in self.lora_magnitude_vector]

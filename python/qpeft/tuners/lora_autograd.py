@@ -26,16 +26,21 @@ from .. import functional
 __all__ = ["LoraMatMul4bit", "dora_weight_norm", "lora_linear_4bit"]
 
 
-def dora_weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Row norms ``||W + s B A||_2`` of an ``[out, in]`` weight, without building ``B A``.
+def dora_weight_norm(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, inplace: bool = False
+) -> torch.Tensor:
+    """Row norms ``||W + s B A||_2`` of an ``[out, in]`` weight, in ``A``'s dtype.
 
-    ``||w_i + s (BA)_i||^2 = ||w_i||^2 + 2 s b_i . (W A^T)_i + s^2 b_i (A A^T) b_i^T``
-    needs only ``[out, r]`` and ``[r, r]`` temporaries besides ``W``.
+    Rounded as PEFT rounds them (``W + s * (B @ A)``, then the norm): DoRA
+    divides by this norm, and a last-bit difference here shows in the logits.
+    With ``inplace`` the sum is formed in ``weight``'s own memory (which is
+    overwritten), so no second ``[out, in]`` tensor is allocated.
     """
-    W = weight.to(A.dtype)
-    WA = W @ A.t()
-    sq = (W * W).sum(1) + 2 * scaling * (B * WA).sum(1) + scaling * scaling * ((B @ (A @ A.t())) * B).sum(1)
-    return sq.clamp_min(0).sqrt()
+    if inplace and weight.dtype == A.dtype:
+        W = weight.addmm_(B, A, alpha=scaling)
+    else:
+        W = weight.to(A.dtype) + scaling * (B @ A)
+    return torch.linalg.norm(W, dim=1)
 
 
 class LoraMatMul4bit(torch.autograd.Function):
@@ -54,18 +59,19 @@ class LoraMatMul4bit(torch.autograd.Function):
             xd = xd * keep
         h = xd @ A.t()
         lora = h @ B.t()
-        inv_norm = None
+        norm = None
         if magnitude is None:
             base = functional.linear_4bit(x, weight, quant_state)
             out = base.to(lora_dtype) + scaling * lora
         else:
             W = functional.dequantize_4bit(weight, quant_state).to(x.dtype)
-            inv_norm = 1.0 / dora_weight_norm(W, A, B, scaling)
-            g = magnitude * inv_norm
             base = F.linear(x, W).to(lora_dtype)
             base_d = base if mask is None else F.linear(xd.to(x.dtype), W).to(lora_dtype)
-            out = base + (g - 1) * base_d + g * (scaling * lora)
+            # W is a fresh tensor and no longer needed: the norm may overwrite it.
+            norm = dora_weight_norm(W, A, B, scaling, inplace=True)
             del W
+            g = magnitude / norm
+            out = base + ((g - 1) * base_d + g * lora * scaling)
         if bias is not None:
             out = out + bias.to(out.dtype)
         ctx.quant_state = quant_state
@@ -73,13 +79,13 @@ class LoraMatMul4bit(torch.autograd.Function):
         ctx.dropout_p = dropout_p
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(weight, xd, h, A, B, magnitude, inv_norm, mask)
+        ctx.save_for_backward(weight, xd, h, A, B, magnitude, norm, mask)
         return out.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, xd, h, A, B, magnitude, inv_norm, mask = ctx.saved_tensors
-        g = None if magnitude is None else magnitude * inv_norm
+        weight, xd, h, A, B, magnitude, norm, mask = ctx.saved_tensors
+        g = None if magnitude is None else magnitude / norm
         s = ctx.scaling
         dy = grad_out.to(A.dtype)
         dy2 = dy.reshape(-1, dy.shape[-1])
@@ -98,7 +104,7 @@ class LoraMatMul4bit(torch.autograd.Function):
             W = functional.dequantize_4bit(weight, ctx.quant_state).to(A.dtype)
         if need_m:
             direction = F.linear(xd, W) + s * (h @ B.t())
-            grad_m = (dy * direction).reshape(-1, dy.shape[-1]).sum(0) * inv_norm
+            grad_m = (dy * direction).reshape(-1, dy.shape[-1]).sum(0) / norm
         if need_x:
             if g is None:
                 grad_x = functional.grad_input_4bit(grad_out.to(ctx.x_dtype), weight, ctx.quant_state).to(A.dtype)
