@@ -359,11 +359,14 @@ def test_merge_unmerge_round_trip_dense(family, kw):
 def test_merge_and_unload_dense_gives_the_same_logits(family):
     base = tiny(family)
     target = ["c_attn", "c_fc"] if family == "gpt2" else "all-linear"
-    qm = get_peft_model(copy.deepcopy(base), qpeft_config(target_modules=target, use_dora=True))
+    qm = get_peft_model(copy.deepcopy(base), qpeft_config(target_modules=target, use_dora=True, modules_to_save=["lm_head"]))
+    trained_head = qm.base_model.model.lm_head.modules_to_save["default"]
+    with torch.no_grad():
+        trained_head.weight.mul_(1.3)
     want = logits(qm)
     merged = qm.merge_and_unload()
-    assert not any(isinstance(m, LoraLinear) for m in merged.modules())
-    assert type(merged) is type(base)
+    assert not any(isinstance(m, (LoraLinear, qpeft.tuners.modules_to_save.ModulesToSave)) for m in merged.modules())
+    assert type(merged) is type(base) and merged.lm_head is trained_head
     torch.testing.assert_close(logits(merged), want, rtol=0, atol=1e-4)
 
 
@@ -800,6 +803,20 @@ def test_peft_model_forwards_generate_and_attributes():
     out = qm.generate(ids(length=4), max_new_tokens=3, do_sample=False)
     assert out.shape == (2, 7)
     assert qm.get_base_model() is qm.base_model.model
+
+
+def test_lora_layers_expose_the_base_weight_and_bias():
+    qm = get_peft_model(tiny("qwen2"), qpeft_config(target_modules=["q_proj"]))
+    layer = qm.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.weight is layer.base_layer.weight and layer.bias is layer.base_layer.bias
+
+
+def test_qpeft_does_not_import_peft():
+    import subprocess
+    import sys
+
+    code = "import sys, qpeft, qpeft.tuners; assert 'peft' not in sys.modules, 'qpeft imported peft'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_print_trainable_parameters(capsys):

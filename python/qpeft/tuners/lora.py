@@ -87,6 +87,15 @@ class LoraLinear(nn.Module):
     def is_4bit(self) -> bool:
         return isinstance(self.base_layer, Linear4bit)
 
+    # Model code reads ``proj.weight.dtype`` / ``proj.bias``; it gets the base layer's.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
     # ------------------------------------------------------------- adapters
 
     def add_adapter(

@@ -5,8 +5,8 @@ Composing :class:`qpeft.autograd.MatMul4bit` with two ``nn.Linear`` would save
 ``x`` twice and, for DoRA, dequantize ``W`` up to three times per step. Here
 the forward dequantizes ``W`` once (or runs the fused few-token kernel), the
 backward once more, and only these are kept for backward: the packed weight,
-``drop(x)``, the dropout mask, ``h = drop(x) A^T`` (tokens x r), ``A``, ``B``
-and the DoRA scale -- never a dense ``W``.
+``x`` (or ``drop(x)`` and the dropout mask), ``h = drop(x) A^T`` (tokens x r),
+``A``, ``B`` and, for DoRA, the magnitude and the row norms -- never a dense ``W``.
 
 With DoRA (Liu et al. 2024, in PEFT's form) and ``g = m / ||W + s B A||``
 (row norms, treated as a constant as the paper's section 4.3 suggests)::
@@ -60,31 +60,40 @@ class LoraMatMul4bit(torch.autograd.Function):
         h = xd @ A.t()
         lora = h @ B.t()
         norm = None
+        # Sums are formed in PEFT's order (base output with bias first, then the
+        # adapter term), so equal weights give equal logits to the last bit.
         if magnitude is None:
-            base = functional.linear_4bit(x, weight, quant_state)
-            out = base.to(lora_dtype) + scaling * lora
+            result = functional.linear_4bit(x, weight, quant_state)
+            if bias is not None:
+                result = result + bias.to(result.dtype)
+            out = result.to(lora_dtype) + lora * scaling
         else:
             W = functional.dequantize_4bit(weight, quant_state).to(x.dtype)
-            base = F.linear(x, W).to(lora_dtype)
-            base_d = base if mask is None else F.linear(xd.to(x.dtype), W).to(lora_dtype)
+            base = F.linear(x, W)
+            result = base if bias is None else base + bias.to(base.dtype)
+            if mask is None:
+                base_d = base if bias is None else result - bias.to(base.dtype)
+            else:
+                base_d = F.linear(xd.to(x.dtype), W)
             # W is a fresh tensor and no longer needed: the norm may overwrite it.
             norm = dora_weight_norm(W, A, B, scaling, inplace=True)
             del W
             g = magnitude / norm
-            out = base + ((g - 1) * base_d + g * lora * scaling)
-        if bias is not None:
-            out = out + bias.to(out.dtype)
+            out = result.to(lora_dtype) + ((g - 1) * base_d.to(lora_dtype) + g * lora * scaling)
         ctx.quant_state = quant_state
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(weight, xd, h, A, B, magnitude, norm, mask)
+        # Without dropout the LoRA input is x itself: keep x (no copy, in its own
+        # dtype) and widen it in backward, which is exact.
+        ctx.save_for_backward(weight, x if mask is None else xd, h, A, B, magnitude, norm, mask)
         return out.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, xd, h, A, B, magnitude, norm, mask = ctx.saved_tensors
+        xd = xd.to(A.dtype)
         g = None if magnitude is None else magnitude / norm
         s = ctx.scaling
         dy = grad_out.to(A.dtype)
