@@ -27,12 +27,16 @@ from .functional import (
 from .autograd import matmul_4bit
 from .nn import Linear4bit, dequantize_model, quantize_model
 from .checkpoint import load_quantized, save_quantized
+from . import tuners
+from .tuners import LoraConfig, PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BLOCK_SIZES",
     "Linear4bit",
+    "LoraConfig",
+    "PeftModel",
     "QUANT_TYPES",
     "QuantState",
     "__version__",
@@ -43,6 +47,7 @@ __all__ = [
     "dequantize_model",
     "gemv_4bit",
     "get_4bit_type",
+    "get_peft_model",
     "load_quantized",
     "matmul_4bit",
     "quantize_4bit",

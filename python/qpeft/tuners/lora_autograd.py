@@ -1,0 +1,171 @@
+"""LoRA (and DoRA) on a 4-bit base weight as one autograd function.
+
+``y = x W^T + bias + s (drop(x) A^T) B^T`` where ``W`` is stored in 4 bits.
+Composing :class:`qpeft.autograd.MatMul4bit` with two ``nn.Linear`` would save
+``x`` twice and, for DoRA, dequantize ``W`` up to three times per step. Here
+the forward dequantizes ``W`` once (or runs the fused few-token kernel), the
+backward once more, and only these are kept for backward: the packed weight,
+``x`` (or ``drop(x)`` and the dropout mask), ``h = drop(x) A^T`` (tokens x r),
+``A``, ``B`` and, for DoRA, the magnitude and the row norms -- never a dense ``W``.
+
+With DoRA (Liu et al. 2024, in PEFT's form) and ``g = m / ||W + s B A||``
+(row norms, treated as a constant as the paper's section 4.3 suggests)::
+
+    y = x W^T + bias + (g - 1) * (drop(x) W^T) + g * s * (h B^T)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import functional
+
+__all__ = ["LoraMatMul4bit", "dora_weight_norm", "lora_linear_4bit"]
+
+
+def dora_weight_norm(
+    weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, inplace: bool = False
+) -> torch.Tensor:
+    """Row norms ``||W + s B A||_2`` of an ``[out, in]`` weight, in ``A``'s dtype.
+
+    Rounded as PEFT rounds them (``W + s * (B @ A)``, then the norm): DoRA
+    divides by this norm, and a last-bit difference here shows in the logits.
+    With ``inplace`` the sum is formed in ``weight``'s own memory (which is
+    overwritten), so no second ``[out, in]`` tensor is allocated.
+    """
+    if inplace and weight.dtype == A.dtype:
+        W = weight.addmm_(B, A, alpha=scaling)
+    else:
+        W = weight.to(A.dtype) + scaling * (B @ A)
+    return torch.linalg.norm(W, dim=1)
+
+
+class LoraMatMul4bit(torch.autograd.Function):
+    """Forward and backward of a LoRA (optionally DoRA) layer over a frozen 4-bit weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, quant_state, bias, A, B, magnitude, scaling: float, dropout_p: float):
+        out_dtype = x.dtype
+        lora_dtype = A.dtype
+        xd = x.to(lora_dtype)
+        mask = None
+        if dropout_p > 0.0:
+            # Drawn as torch's CPU dropout draws it, so a seeded run matches nn.Dropout's.
+            keep = torch.empty_like(xd).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
+            mask = keep != 0
+            xd = xd * keep
+        h = xd @ A.t()
+        lora = h @ B.t()
+        norm = None
+        # Sums are formed in PEFT's order (base output with bias first, then the
+        # adapter term), so equal weights give equal logits to the last bit.
+        if magnitude is None:
+            result = functional.linear_4bit(x, weight, quant_state)
+            if bias is not None:
+                result = result + bias.to(result.dtype)
+            out = result.to(lora_dtype) + lora * scaling
+        else:
+            W = functional.dequantize_4bit(weight, quant_state).to(x.dtype)
+            base = F.linear(x, W)
+            result = base if bias is None else base + bias.to(base.dtype)
+            if mask is None:
+                base_d = base if bias is None else result - bias.to(base.dtype)
+            else:
+                base_d = F.linear(xd.to(x.dtype), W)
+            # W is a fresh tensor and no longer needed: the norm may overwrite it.
+            norm = dora_weight_norm(W, A, B, scaling, inplace=True)
+            del W
+            g = magnitude / norm
+            out = result.to(lora_dtype) + ((g - 1) * base_d.to(lora_dtype) + g * lora * scaling)
+        ctx.quant_state = quant_state
+        ctx.scaling = scaling
+        ctx.dropout_p = dropout_p
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        # Without dropout the LoRA input is x itself: keep x (no copy, in its own
+        # dtype) and widen it in backward, which is exact.
+        ctx.save_for_backward(weight, x if mask is None else xd, h, A, B, magnitude, norm, mask)
+        return out.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, xd, h, A, B, magnitude, norm, mask = ctx.saved_tensors
+        xd = xd.to(A.dtype)
+        g = None if magnitude is None else magnitude / norm
+        s = ctx.scaling
+        dy = grad_out.to(A.dtype)
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        grad_x = grad_bias = grad_A = grad_B = grad_m = None
+        # The gradient of the LoRA output (and of the DoRA direction) is dy scaled by g.
+        dyg = dy if g is None else dy * g
+        dh = s * (dyg @ B)
+        need_x, need_A, need_B, need_m = (ctx.needs_input_grad[i] for i in (0, 4, 5, 6))
+        if need_B:
+            grad_B = s * (dyg.reshape(-1, dyg.shape[-1]).t() @ h.reshape(-1, h.shape[-1]))
+        if need_A:
+            grad_A = dh.reshape(-1, dh.shape[-1]).t() @ xd.reshape(-1, xd.shape[-1])
+        W = None
+        if g is not None and (need_m or need_x):
+            # One dequantization serves both the input gradient and the magnitude's.
+            W = functional.dequantize_4bit(weight, ctx.quant_state).to(A.dtype)
+        if need_m:
+            direction = F.linear(xd, W) + s * (h @ B.t())
+            grad_m = (dy * direction).reshape(-1, dy.shape[-1]).sum(0) / norm
+        if need_x:
+            if g is None:
+                grad_x = functional.grad_input_4bit(grad_out.to(ctx.x_dtype), weight, ctx.quant_state).to(A.dtype)
+                lora_in = dh @ A
+            elif mask is None:
+                grad_x = dyg @ W
+                lora_in = dh @ A
+            else:
+                grad_x = dy @ W
+                lora_in = (dy * (g - 1)) @ W + dh @ A
+            if mask is not None:
+                lora_in = lora_in * (mask.to(lora_in.dtype) / (1.0 - ctx.dropout_p))
+            grad_x = (grad_x + lora_in).to(ctx.x_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = dy2.sum(0).to(ctx.bias_dtype)
+        return grad_x, None, None, grad_bias, grad_A, grad_B, grad_m, None, None
+
+
+def lora_linear_4bit(
+    x: torch.Tensor,
+    base,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    magnitude: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """LoRA output of a :class:`qpeft.nn.Linear4bit` ``base`` with one adapter.
+
+    Args:
+        x: input ``[..., in_features]``; the base matmul runs in ``x``'s dtype
+            (or ``base.compute_dtype`` / the autocast dtype, as
+            :class:`~qpeft.nn.Linear4bit` does).
+        A, B: LoRA factors ``[r, in]`` and ``[out, r]``; the LoRA path runs in
+            their dtype.
+        scaling: factor on ``B A``.
+        dropout_p: dropout probability on the LoRA path's input (pass 0 in eval mode).
+        magnitude: DoRA magnitude ``[out]``, or ``None`` for plain LoRA.
+
+    Returns:
+        ``[..., out_features]`` in ``x``'s dtype (the autocast dtype under autocast).
+    """
+    qs = base.quant_state
+    if x.shape[-1] != base.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {base.in_features}")
+    device = x.device.type
+    compute_dtype = base.compute_dtype
+    out_dtype = x.dtype
+    if torch.is_autocast_enabled(device) and compute_dtype is None:
+        compute_dtype = out_dtype = torch.get_autocast_dtype(device)
+    if compute_dtype is not None and x.dtype != compute_dtype:
+        x = x.to(compute_dtype)
+    with torch.autocast(device, enabled=False):
+        out = LoraMatMul4bit.apply(x, base.weight, qs, base.bias, A, B, magnitude, float(scaling), float(dropout_p))
+    return out if out.dtype == out_dtype else out.to(out_dtype)
