@@ -805,6 +805,18 @@ def test_peft_model_forwards_generate_and_attributes():
     assert qm.get_base_model() is qm.base_model.model
 
 
+def test_bad_modules_to_save_raise_before_the_model_changes():
+    model = _quantized(tiny("llama"))
+    with pytest.raises(ValueError, match="4-bit weights"):
+        get_peft_model(model, qpeft_config(target_modules=["q_proj"], modules_to_save=["o_proj"]))
+    with pytest.raises(ValueError, match=r"modules_to_save \['nope'\] match no module"):
+        get_peft_model(model, qpeft_config(target_modules=["q_proj"], modules_to_save=["nope"]))
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+    qm = get_peft_model(model, qpeft_config(target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match="already has a LoRA adapter named 'default'"):
+        get_peft_model(qm.get_base_model(), qpeft_config(target_modules=["q_proj"]))
+
+
 def test_lora_layers_expose_the_base_weight_and_bias():
     qm = get_peft_model(tiny("qwen2"), qpeft_config(target_modules=["q_proj"]))
     layer = qm.base_model.model.model.layers[0].self_attn.q_proj

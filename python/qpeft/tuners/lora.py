@@ -15,6 +15,7 @@ the adapter name.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Iterable, Optional
 
@@ -311,16 +312,14 @@ class LoraLinear(nn.Module):
                 weight.data.copy_(saved)
                 continue
             delta = self.delta_weight(name)
-            if norm is not None:
-                W = self._dense_weight(torch.promote_types(weight.dtype, torch.float32))
-                m = self.lora_magnitude_vector[name].to(W.dtype)
-                new = W / (m / norm).unsqueeze(1) - delta.to(W.dtype)
-            else:
-                new = None
-            if new is not None:
-                weight.data.copy_((new.t() if self.fan_in_fan_out else new).to(weight.dtype))
-            else:
+            if norm is None:
                 weight.data.sub_((delta.t() if self.fan_in_fan_out else delta).to(weight.dtype))
+                continue
+            # DoRA: W' = (m / norm) (W + dW), so W = W' / (m / norm) - dW with the norm from merge time.
+            W = self._dense_weight(torch.promote_types(weight.dtype, torch.float32))
+            m = self.lora_magnitude_vector[name].to(W.dtype)
+            new = W / (m / norm).unsqueeze(1) - delta.to(W.dtype)
+            weight.data.copy_((new.t() if self.fan_in_fan_out else new).to(weight.dtype))
 
     @torch.no_grad()
     def merged_dense(self, names: Iterable[str], dtype: Optional[torch.dtype] = None) -> nn.Module:
@@ -339,8 +338,6 @@ class LoraLinear(nn.Module):
             dtype = base.quant_state.dtype if self.is_4bit else base.weight.dtype
         bias = base.bias
         if self.fan_in_fan_out:
-            import copy
-
             layer = copy.deepcopy(base)
             layer.weight = nn.Parameter(W.t().to(dtype).contiguous(), requires_grad=False)
             if bias is not None:

@@ -101,6 +101,16 @@ class LoraModel(nn.Module):
                 "an earlier get_peft_model); pass a fresh model or use add_adapter with another name"
             )
         saved = self._find_modules_to_save(config.modules_to_save or [])
+        for path in saved:
+            module = self.model.get_submodule(path)
+            if isinstance(module, LoraLinear):
+                raise ValueError(f"{path} has LoRA from another adapter; it cannot also be in modules_to_save")
+            if not isinstance(module, ModulesToSave) and any(p.dtype == torch.uint8 for p in module.parameters()):
+                raise ValueError(
+                    f"modules_to_save module {path} has 4-bit weights, which cannot be trained; keep it dense "
+                    "(qpeft.quantize_model leaves the output head dense by default)"
+                )
+        # Everything is checked: from here on the model changes.
         for path in targets:
             module = self.model.get_submodule(path)
             if not isinstance(module, LoraLinear):
@@ -116,13 +126,6 @@ class LoraModel(nn.Module):
         for path in saved:
             module = self.model.get_submodule(path)
             if not isinstance(module, ModulesToSave):
-                if isinstance(module, LoraLinear):
-                    raise ValueError(f"{path} has LoRA from another adapter; it cannot also be in modules_to_save")
-                if any(p.dtype == torch.uint8 for p in module.parameters()):
-                    raise ValueError(
-                        f"modules_to_save module {path} has 4-bit weights, which cannot be trained; keep it dense "
-                        "(qpeft.quantize_model leaves the output head dense by default)"
-                    )
                 module = ModulesToSave(module)
                 self._replace(path, module)
             module.add_adapter(name)
