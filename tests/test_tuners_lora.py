@@ -917,3 +917,42 @@ def test_smollm2_adapters_cross_load_with_peft(smollm2, case, four_bit, tmp_path
     del pm
     qm2 = PeftModel.from_pretrained(ours_fresh(), tmp_path / "p")
     assert _report(f"{label}, PEFT -> qpeft", _smol_logits(qm2, batch), want) <= 1e-5
+
+
+@pytest.mark.slow
+def test_smollm2_qlora_step_matches_peft_and_training_reduces_the_loss(smollm2):
+    base, input_ids, mask = smollm2
+    q4 = quantize_model(copy.deepcopy(base))
+    kw = dict(target_modules="all-linear", r=8, lora_alpha=16, use_dora=False)
+    pm = peft.get_peft_model(dequantize_model(copy.deepcopy(q4)), peft_config(**kw))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.01)
+    qm = get_peft_model(q4, qpeft_config(**kw))
+    qm.base_model.load_adapter_state_dict(
+        "default", {k[len(PREFIX):]: v for k, v in peft.get_peft_model_state_dict(pm).items()}
+    )
+    labels = input_ids.masked_fill(mask == 0, -100)
+    grads = []
+    for model in (pm, qm):
+        model.train()
+        model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append({our_name(n): p.grad for n, p in model.named_parameters() if p.requires_grad})
+    del pm
+    assert sorted(grads[0]) == sorted(grads[1])
+    worst = max(((grads[1][k] - g).norm() / g.norm().clamp_min(1e-12)).item() for k, g in grads[0].items())
+    print(f"\n[interop] SmolLM2 4-bit QLoRA step: worst relative gradient difference vs PEFT {worst:.3g}")
+    assert worst < 1e-4
+    before = hash_base(qm)
+    opt = torch.optim.AdamW([p for p in qm.parameters() if p.requires_grad], lr=5e-3)
+    losses = []
+    for _ in range(6):
+        loss = qm(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    print(f"[train] SmolLM2 4-bit QLoRA loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert hash_base(qm) == before
