@@ -141,7 +141,9 @@ def test_forward_equals_peft(family, kw):
     torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [dict(target_modules=["c_attn", "c_fc"]), dict(target_modules="all-linear", use_dora=True)])
+@pytest.mark.parametrize(
+    "kw", [dict(target_modules=["c_attn", "c_fc"]), dict(target_modules="all-linear", use_dora=True)]
+)
 def test_forward_equals_peft_on_gpt2_conv1d(kw):
     base = tiny("gpt2")
     pm, qm = pair(base, fan_in_fan_out=True, **kw)
@@ -169,7 +171,9 @@ def _train_step_grads(model, seed=3):
     return loss.detach()
 
 
-@pytest.mark.parametrize("family,kw", GRAD_CONFIGS, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values()))[:50])
+@pytest.mark.parametrize(
+    "family,kw", GRAD_CONFIGS, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values()))[:50]
+)
 def test_gradients_equal_peft(family, kw):
     base = tiny(family)
     pm, qm = pair(base, **kw)
@@ -359,7 +363,8 @@ def test_merge_unmerge_round_trip_dense(family, kw):
 def test_merge_and_unload_dense_gives_the_same_logits(family):
     base = tiny(family)
     target = ["c_attn", "c_fc"] if family == "gpt2" else "all-linear"
-    qm = get_peft_model(copy.deepcopy(base), qpeft_config(target_modules=target, use_dora=True, modules_to_save=["lm_head"]))
+    cfg = qpeft_config(target_modules=target, use_dora=True, modules_to_save=["lm_head"])
+    qm = get_peft_model(copy.deepcopy(base), cfg)
     trained_head = qm.base_model.model.lm_head.modules_to_save["default"]
     with torch.no_grad():
         trained_head.weight.mul_(1.3)
@@ -763,7 +768,8 @@ def test_bad_configs_raise_clear_errors(kw, match):
 
 def test_config_reads_peft_files_and_refuses_features_it_lacks(tmp_path):
     base = tiny("llama")
-    pm = peft.get_peft_model(copy.deepcopy(base), peft_config(target_modules=["q_proj"], use_rslora=True, lora_dropout=0.1))
+    cfg = peft_config(target_modules=["q_proj"], use_rslora=True, lora_dropout=0.1)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg)
     pm.save_pretrained(tmp_path)
     cfg = qpeft.tuners.load_config(tmp_path)
     assert isinstance(cfg, LoraConfig)

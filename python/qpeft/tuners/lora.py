@@ -26,13 +26,9 @@ from torch import nn
 from .. import functional
 from ..nn import Linear4bit
 from .lora_autograd import dora_weight_norm, lora_linear_4bit
+from .targets import is_conv1d
 
-__all__ = ["LoraLinear", "is_conv1d", "supports_lora"]
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """A transformers ``Conv1D`` (a linear layer with its weight stored ``[in, out]``)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+__all__ = ["LoraLinear", "supports_lora"]
 
 
 def supports_lora(module: nn.Module) -> bool:
@@ -147,6 +143,7 @@ class LoraLinear(nn.Module):
             self.lora_magnitude_vector[name] = nn.Parameter(norm)
 
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (it must not be merged)."""
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into this layer; unmerge it before deleting it")
         for d in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_dropout):

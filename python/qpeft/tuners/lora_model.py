@@ -10,7 +10,6 @@ PEFT's ``adapter_model.safetensors``.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Iterator, Optional
 
 import torch
@@ -84,10 +83,9 @@ class LoraModel(nn.Module):
             exclude=config.modules_to_save or (),
             skip_types=(LoraLinear, ModulesToSave),
         )
+        modules = {t: self.model.get_submodule(t) for t in targets}
         bad = [
-            f"{t} ({type(self.model.get_submodule(t)).__name__})"
-            for t in targets
-            if not isinstance(self.model.get_submodule(t), LoraLinear) and not supports_lora(self.model.get_submodule(t))
+            f"{t} ({type(m).__name__})" for t, m in modules.items() if not isinstance(m, LoraLinear) and not supports_lora(m)
         ]
         if bad:
             raise ValueError(
@@ -286,7 +284,10 @@ class LoraModel(nn.Module):
     # --------------------------------------------------------------- merging
 
     def merge(self, names: Optional[list[str]] = None, keep_original: bool = False) -> dict[str, float]:
-        """Merge adapters into every LoRA layer; returns ``{layer path: relative error}`` for re-quantized 4-bit layers."""
+        """Merge adapters into every LoRA layer.
+
+        Returns ``{layer path: relative error}`` for the re-quantized 4-bit layers.
+        """
         names = list(self.active_adapters if names is None else names)
         errors = {}
         for path, layer in self.lora_layers():
