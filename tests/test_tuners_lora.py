@@ -141,7 +141,9 @@ def test_forward_equals_peft(family, kw):
     torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [dict(target_modules=["c_attn", "c_fc"]), dict(target_modules="all-linear", use_dora=True)])
+@pytest.mark.parametrize(
+    "kw", [dict(target_modules=["c_attn", "c_fc"]), dict(target_modules="all-linear", use_dora=True)]
+)
 def test_forward_equals_peft_on_gpt2_conv1d(kw):
     base = tiny("gpt2")
     pm, qm = pair(base, fan_in_fan_out=True, **kw)
@@ -169,7 +171,9 @@ def _train_step_grads(model, seed=3):
     return loss.detach()
 
 
-@pytest.mark.parametrize("family,kw", GRAD_CONFIGS, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values()))[:50])
+@pytest.mark.parametrize(
+    "family,kw", GRAD_CONFIGS, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values()))[:50]
+)
 def test_gradients_equal_peft(family, kw):
     base = tiny(family)
     pm, qm = pair(base, **kw)
@@ -359,7 +363,8 @@ def test_merge_unmerge_round_trip_dense(family, kw):
 def test_merge_and_unload_dense_gives_the_same_logits(family):
     base = tiny(family)
     target = ["c_attn", "c_fc"] if family == "gpt2" else "all-linear"
-    qm = get_peft_model(copy.deepcopy(base), qpeft_config(target_modules=target, use_dora=True, modules_to_save=["lm_head"]))
+    cfg = qpeft_config(target_modules=target, use_dora=True, modules_to_save=["lm_head"])
+    qm = get_peft_model(copy.deepcopy(base), cfg)
     trained_head = qm.base_model.model.lm_head.modules_to_save["default"]
     with torch.no_grad():
         trained_head.weight.mul_(1.3)
@@ -763,7 +768,8 @@ def test_bad_configs_raise_clear_errors(kw, match):
 
 def test_config_reads_peft_files_and_refuses_features_it_lacks(tmp_path):
     base = tiny("llama")
-    pm = peft.get_peft_model(copy.deepcopy(base), peft_config(target_modules=["q_proj"], use_rslora=True, lora_dropout=0.1))
+    cfg = peft_config(target_modules=["q_proj"], use_rslora=True, lora_dropout=0.1)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg)
     pm.save_pretrained(tmp_path)
     cfg = qpeft.tuners.load_config(tmp_path)
     assert isinstance(cfg, LoraConfig)
@@ -803,6 +809,18 @@ def test_peft_model_forwards_generate_and_attributes():
     out = qm.generate(ids(length=4), max_new_tokens=3, do_sample=False)
     assert out.shape == (2, 7)
     assert qm.get_base_model() is qm.base_model.model
+
+
+def test_bad_modules_to_save_raise_before_the_model_changes():
+    model = _quantized(tiny("llama"))
+    with pytest.raises(ValueError, match="4-bit weights"):
+        get_peft_model(model, qpeft_config(target_modules=["q_proj"], modules_to_save=["o_proj"]))
+    with pytest.raises(ValueError, match=r"modules_to_save \['nope'\] match no module"):
+        get_peft_model(model, qpeft_config(target_modules=["q_proj"], modules_to_save=["nope"]))
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+    qm = get_peft_model(model, qpeft_config(target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with pytest.raises(ValueError, match="already has a LoRA adapter named 'default'"):
+        get_peft_model(qm.get_base_model(), qpeft_config(target_modules=["q_proj"]))
 
 
 def test_lora_layers_expose_the_base_weight_and_bias():
@@ -905,3 +923,42 @@ def test_smollm2_adapters_cross_load_with_peft(smollm2, case, four_bit, tmp_path
     del pm
     qm2 = PeftModel.from_pretrained(ours_fresh(), tmp_path / "p")
     assert _report(f"{label}, PEFT -> qpeft", _smol_logits(qm2, batch), want) <= 1e-5
+
+
+@pytest.mark.slow
+def test_smollm2_qlora_step_matches_peft_and_training_reduces_the_loss(smollm2):
+    base, input_ids, mask = smollm2
+    q4 = quantize_model(copy.deepcopy(base))
+    kw = dict(target_modules="all-linear", r=8, lora_alpha=16, use_dora=False)
+    pm = peft.get_peft_model(dequantize_model(copy.deepcopy(q4)), peft_config(**kw))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.01)
+    qm = get_peft_model(q4, qpeft_config(**kw))
+    qm.base_model.load_adapter_state_dict(
+        "default", {k[len(PREFIX):]: v for k, v in peft.get_peft_model_state_dict(pm).items()}
+    )
+    labels = input_ids.masked_fill(mask == 0, -100)
+    grads = []
+    for model in (pm, qm):
+        model.train()
+        model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append({our_name(n): p.grad for n, p in model.named_parameters() if p.requires_grad})
+    del pm
+    assert sorted(grads[0]) == sorted(grads[1])
+    worst = max(((grads[1][k] - g).norm() / g.norm().clamp_min(1e-12)).item() for k, g in grads[0].items())
+    print(f"\n[interop] SmolLM2 4-bit QLoRA step: worst relative gradient difference vs PEFT {worst:.3g}")
+    assert worst < 1e-4
+    before = hash_base(qm)
+    opt = torch.optim.AdamW([p for p in qm.parameters() if p.requires_grad], lr=5e-3)
+    losses = []
+    for _ in range(6):
+        loss = qm(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    print(f"[train] SmolLM2 4-bit QLoRA loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert hash_base(qm) == before

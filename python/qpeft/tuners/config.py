@@ -12,11 +12,11 @@ import dataclasses
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
-__all__ = ["CONFIG_NAME", "LoraConfig", "PeftConfig", "config_from_dict", "load_config"]
+__all__ = ["ALL_LINEAR", "CONFIG_NAME", "LoraConfig", "PeftConfig", "config_from_dict", "load_config"]
 
 #: File name of an adapter's configuration inside its directory (PEFT's name).
 CONFIG_NAME = "adapter_config.json"

@@ -18,12 +18,13 @@ import torch
 from .._files import chmod_default
 from .config import CONFIG_NAME, PeftConfig, load_config
 
-__all__ = ["KEY_PREFIX", "WEIGHTS_NAME", "adapter_dir", "read_adapter", "write_adapter"]
+__all__ = ["DEFAULT_ADAPTER", "KEY_PREFIX", "WEIGHTS_NAME", "adapter_dir", "read_adapter", "write_adapter"]
 
 #: File holding an adapter's tensors (PEFT's name).
 WEIGHTS_NAME = "adapter_model.safetensors"
 #: Prefix of every key in the file: PEFT's ``PeftModel.base_model.model``.
 KEY_PREFIX = "base_model.model."
+#: The adapter saved at the top of a directory (the others go to subfolders by name).
 DEFAULT_ADAPTER = "default"
 
 

@@ -15,6 +15,7 @@ the adapter name.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Iterable, Optional
 
@@ -25,13 +26,9 @@ from torch import nn
 from .. import functional
 from ..nn import Linear4bit
 from .lora_autograd import dora_weight_norm, lora_linear_4bit
+from .targets import is_conv1d
 
-__all__ = ["LoraLinear", "is_conv1d", "supports_lora"]
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """A transformers ``Conv1D`` (a linear layer with its weight stored ``[in, out]``)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+__all__ = ["LoraLinear", "supports_lora"]
 
 
 def supports_lora(module: nn.Module) -> bool:
@@ -146,6 +143,7 @@ class LoraLinear(nn.Module):
             self.lora_magnitude_vector[name] = nn.Parameter(norm)
 
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (it must not be merged)."""
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged into this layer; unmerge it before deleting it")
         for d in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_dropout):
@@ -311,16 +309,14 @@ class LoraLinear(nn.Module):
                 weight.data.copy_(saved)
                 continue
             delta = self.delta_weight(name)
-            if norm is not None:
-                W = self._dense_weight(torch.promote_types(weight.dtype, torch.float32))
-                m = self.lora_magnitude_vector[name].to(W.dtype)
-                new = W / (m / norm).unsqueeze(1) - delta.to(W.dtype)
-            else:
-                new = None
-            if new is not None:
-                weight.data.copy_((new.t() if self.fan_in_fan_out else new).to(weight.dtype))
-            else:
+            if norm is None:
                 weight.data.sub_((delta.t() if self.fan_in_fan_out else delta).to(weight.dtype))
+                continue
+            # DoRA: W' = (m / norm) (W + dW), so W = W' / (m / norm) - dW with the norm from merge time.
+            W = self._dense_weight(torch.promote_types(weight.dtype, torch.float32))
+            m = self.lora_magnitude_vector[name].to(W.dtype)
+            new = W / (m / norm).unsqueeze(1) - delta.to(W.dtype)
+            weight.data.copy_((new.t() if self.fan_in_fan_out else new).to(weight.dtype))
 
     @torch.no_grad()
     def merged_dense(self, names: Iterable[str], dtype: Optional[torch.dtype] = None) -> nn.Module:
@@ -339,8 +335,6 @@ class LoraLinear(nn.Module):
             dtype = base.quant_state.dtype if self.is_4bit else base.weight.dtype
         bias = base.bias
         if self.fan_in_fan_out:
-            import copy
-
             layer = copy.deepcopy(base)
             layer.weight = nn.Parameter(W.t().to(dtype).contiguous(), requires_grad=False)
             if bias is not None:

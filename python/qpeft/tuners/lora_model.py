@@ -10,7 +10,6 @@ PEFT's ``adapter_model.safetensors``.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Iterator, Optional
 
 import torch
@@ -84,10 +83,9 @@ class LoraModel(nn.Module):
             exclude=config.modules_to_save or (),
             skip_types=(LoraLinear, ModulesToSave),
         )
+        modules = {t: self.model.get_submodule(t) for t in targets}
         bad = [
-            f"{t} ({type(self.model.get_submodule(t)).__name__})"
-            for t in targets
-            if not isinstance(self.model.get_submodule(t), LoraLinear) and not supports_lora(self.model.get_submodule(t))
+            f"{t} ({type(m).__name__})" for t, m in modules.items() if not isinstance(m, LoraLinear) and not supports_lora(m)
         ]
         if bad:
             raise ValueError(
@@ -101,6 +99,16 @@ class LoraModel(nn.Module):
                 "an earlier get_peft_model); pass a fresh model or use add_adapter with another name"
             )
         saved = self._find_modules_to_save(config.modules_to_save or [])
+        for path in saved:
+            module = self.model.get_submodule(path)
+            if isinstance(module, LoraLinear):
+                raise ValueError(f"{path} has LoRA from another adapter; it cannot also be in modules_to_save")
+            if not isinstance(module, ModulesToSave) and any(p.dtype == torch.uint8 for p in module.parameters()):
+                raise ValueError(
+                    f"modules_to_save module {path} has 4-bit weights, which cannot be trained; keep it dense "
+                    "(qpeft.quantize_model leaves the output head dense by default)"
+                )
+        # Everything is checked: from here on the model changes.
         for path in targets:
             module = self.model.get_submodule(path)
             if not isinstance(module, LoraLinear):
@@ -116,13 +124,6 @@ class LoraModel(nn.Module):
         for path in saved:
             module = self.model.get_submodule(path)
             if not isinstance(module, ModulesToSave):
-                if isinstance(module, LoraLinear):
-                    raise ValueError(f"{path} has LoRA from another adapter; it cannot also be in modules_to_save")
-                if any(p.dtype == torch.uint8 for p in module.parameters()):
-                    raise ValueError(
-                        f"modules_to_save module {path} has 4-bit weights, which cannot be trained; keep it dense "
-                        "(qpeft.quantize_model leaves the output head dense by default)"
-                    )
                 module = ModulesToSave(module)
                 self._replace(path, module)
             module.add_adapter(name)
@@ -283,7 +284,10 @@ class LoraModel(nn.Module):
     # --------------------------------------------------------------- merging
 
     def merge(self, names: Optional[list[str]] = None, keep_original: bool = False) -> dict[str, float]:
-        """Merge adapters into every LoRA layer; returns ``{layer path: relative error}`` for re-quantized 4-bit layers."""
+        """Merge adapters into every LoRA layer.
+
+        Returns ``{layer path: relative error}`` for the re-quantized 4-bit layers.
+        """
         names = list(self.active_adapters if names is None else names)
         errors = {}
         for path, layer in self.lora_layers():

@@ -99,7 +99,8 @@ class PeftModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         """Print ``trainable params: N || all params: M || trainable%: P`` (PEFT's line)."""
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        share = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     # -------------------------------------------------------------- adapters
 
@@ -260,6 +261,8 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     >>> peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))  # doctest: +SKIP
     """
     if not isinstance(peft_config, PeftConfig):
-        raise TypeError(f"peft_config must be a qpeft.tuners config such as LoraConfig, got {type(peft_config).__name__}")
+        raise TypeError(
+            f"peft_config must be a qpeft.tuners config such as LoraConfig, got {type(peft_config).__name__}"
+        )
     return PeftModel(model, peft_config, adapter_name)
 

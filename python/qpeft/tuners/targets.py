@@ -13,9 +13,13 @@ from typing import Iterable, Optional, Union
 from torch import nn
 
 from ..nn import Linear4bit
-from .lora import is_conv1d
 
-__all__ = ["find_targets", "layer_index", "matches_name", "output_head_names"]
+__all__ = ["find_targets", "is_conv1d", "layer_index", "matches_name", "output_head_names"]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """A transformers ``Conv1D`` (a linear layer with its weight stored ``[in, out]``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def matches_name(name: str, patterns: Iterable[str]) -> bool:
@@ -85,7 +89,8 @@ def find_targets(
         candidates.append((name, module))
     exclude = list(exclude)
     if exclude:
-        candidates = [(n, m) for n, m in candidates if not any(re.match(rf"(^|.*\.){re.escape(e)}($|\..*)", n) for e in exclude)]
+        inside = [re.compile(rf"(^|.*\.){re.escape(e)}($|\..*)") for e in exclude]
+        candidates = [(n, m) for n, m in candidates if not any(p.match(n) for p in inside)]
     if target_modules == "all-linear":
         heads = output_head_names(model)
         selected = [n for n, m in candidates if _is_linear(m) or (skip_types and isinstance(m, skip_types))]
