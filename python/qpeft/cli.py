@@ -88,7 +88,13 @@ def _add_quantize(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_quantize)
 
 
-_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_quantize]
+def _add_train(subparsers: Any) -> None:
+    from .train.cli import add_train_parser, run_train
+
+    add_train_parser(subparsers, run_train)
+
+
+_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train, _add_quantize]
 
 
 # -------------------------------------------------------------------- main

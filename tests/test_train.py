@@ -1,0 +1,181 @@
+"""qpeft.train: config, the training loop, checkpoints and exact resume, divergence, the CLI (issue 6)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qpeft import hf
+from qpeft.train import SFTTrainer, TrainConfig, TrainingDiverged, write_curve_png
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    try:
+        folder = hf._cached_gguf(hf.default_model_path(), hf.cache_root())
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(f"default model not installed: {e}")
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def _tiny(tok, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(n_train=48, n_eval=8, eval_examples=2, max_new_tokens=2, max_steps=6, batch_size=4, warmup_steps=2,
+                save_every=2, eval_every=0, lr=1e-2, out_dir=str(tmp_path / "run"), compute_dtype="float32")
+    return TrainConfig(**{**base, **kw})
+
+
+def _adapter(run_dir):
+    return safetensors_torch.load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _losses(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if "loss" in r]
+
+
+def test_config_validation_and_files(tmp_path):
+    with pytest.raises(ValueError, match="method must be one of"):
+        TrainConfig(method="full")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="unknown training settings \\['bogus'\\]"):
+        TrainConfig.from_dict({"bogus": 1})
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"max_steps": 7, "data": "x.jsonl"}))
+    cfg = TrainConfig.from_file(path)
+    assert cfg.max_steps == 7 and cfg.data == ["x.jsonl"]
+    path.write_text("{nope")
+    with pytest.raises(ValueError, match="c.json:1: invalid JSON"):
+        TrainConfig.from_file(path)
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora"])
+def test_a_short_run_writes_everything(tok, tmp_path, method):
+    cfg = _cfg(tmp_path, method=method)
+    trainer = SFTTrainer(cfg, model=_tiny(tok), tokenizer=tok, progress=lambda r: None)
+    summary = trainer.train()
+    run = tmp_path / "run"
+    assert summary["steps"] == 6 and summary["accuracy_before"] is not None
+    for name in ("metrics.jsonl", "summary.json", "config.json", "loss.png", "data/train.jsonl", "data/eval.jsonl",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md",
+                 "checkpoint/trainable.safetensors", "checkpoint/state.pt", "checkpoint/trainer_state.json"):
+        assert (run / name).is_file(), name
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    losses = _losses(run)
+    assert len(losses) == 6 and all(l == l for l in losses)
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert not list(run.glob(".*tmp*"))
+    if method == "qlora":
+        from qpeft import Linear4bit
+        assert any(isinstance(m, Linear4bit) for m in trainer.model.modules())
+
+
+def test_training_reduces_the_loss(tok, tmp_path):
+    # The same 8 examples every step: the adapter must fit them. (With its random
+    # output head, the tiny model learns fast only with LoRA on the head too.)
+    cfg = _cfg(tmp_path, max_steps=20, save_every=0, eval_examples=0, lr=5e-2, n_train=8, batch_size=8,
+               warmup_steps=0, lora_dropout=0.0, target_modules=["lm_head", "down_proj"])
+    SFTTrainer(cfg, model=_tiny(tok), tokenizer=tok, progress=lambda r: None).train()
+    losses = _losses(tmp_path / "run")
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_resume_continues_exactly(tok, tmp_path, packing):
+    full = _cfg(tmp_path / "a", packing=packing, lora_dropout=0.1)
+    SFTTrainer(full, model=_tiny(tok), tokenizer=tok, progress=lambda r: None).train()
+
+    def crash(record):
+        if record["step"] == 5:
+            raise _Stop  # after step 5 ran, before its checkpoint: step 4's is the latest
+    broken = _cfg(tmp_path / "b", packing=packing, lora_dropout=0.1)
+    with pytest.raises(_Stop):
+        SFTTrainer(broken, model=_tiny(tok), tokenizer=tok, progress=crash).train()
+    assert json.loads((tmp_path / "b" / "run" / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
+    resumed = _cfg(tmp_path / "b", packing=packing, lora_dropout=0.1, resume=True)
+    SFTTrainer(resumed, model=_tiny(tok), tokenizer=tok, progress=lambda r: None).train()
+
+    a, b = _adapter(tmp_path / "a" / "run"), _adapter(tmp_path / "b" / "run")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6)
+    assert _losses(tmp_path / "a" / "run") == _losses(tmp_path / "b" / "run")
+
+
+def test_resume_rejects_a_checkpoint_of_other_settings(tok, tmp_path):
+    SFTTrainer(_cfg(tmp_path, max_steps=2), model=_tiny(tok), tokenizer=tok, progress=lambda r: None).train()
+    with pytest.raises(ValueError, match="different trainable weights"):
+        SFTTrainer(_cfg(tmp_path, max_steps=4, lora_r=4, resume=True), model=_tiny(tok), tokenizer=tok,
+                   progress=lambda r: None).train()
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tok, tmp_path, monkeypatch):
+    from qpeft.train import trainer as T
+
+    real = T.token_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        loss, n = real(model, batch)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 3 else loss), n
+    monkeypatch.setattr(T, "token_loss_sum", poisoned)
+    cfg = _cfg(tmp_path, eval_examples=0)
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 4"):
+        SFTTrainer(cfg, model=_tiny(tok), tokenizer=tok, progress=lambda r: None).train()
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    weights = safetensors_torch.load_file(str(tmp_path / "run" / "checkpoint" / "trainable.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_user_data_files_and_bad_records(tok, tmp_path):
+    data = tmp_path / "d.jsonl"
+    rows = [{"instruction": f"Say {w}.", "output": w} for w in ["a", "b", "c", "d", "e", "f"] * 3]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    with pytest.raises(ValueError, match="d.jsonl:19: invalid JSON"):
+        SFTTrainer(_cfg(tmp_path, data=[str(data)]), model=_tiny(tok), tokenizer=tok)
+    cfg = _cfg(tmp_path, data=[str(data)], skip_bad=True, max_steps=2, eval_examples=2)
+    summary = SFTTrainer(cfg, model=_tiny(tok), tokenizer=tok, progress=lambda r: None).train()
+    assert summary["steps"] == 2
+
+
+def test_cli_train_with_a_config_file(tok, tmp_path, capsys):
+    from qpeft.cli import main
+
+    folder = tmp_path / "tiny"
+    _tiny(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    conf = tmp_path / "c.json"
+    conf.write_text(json.dumps({"max_steps": 2, "n_train": 16, "n_eval": 4, "eval_examples": 2, "max_new_tokens": 2,
+                                "batch_size": 4, "compute_dtype": "float32"}))
+    code = main(["train", "--config", str(conf), "--model", str(folder), "--out-dir", str(tmp_path / "out"),
+                 "--lora-r", "4"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "held-out exact match" in out
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["lora_r"] == 4
+    assert main(["train", "--method", "full"]) != 0
+
+
+def test_curve_png(tmp_path):
+    p = write_curve_png(tmp_path / "c.png", [1, 2, 3], {"loss": [3.0, float("nan"), 1.0]})
+    data = p.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" in data[-12:]
