@@ -53,7 +53,7 @@ class TrainConfig:
     skip_bad: bool = False
     batch_size: int = 8
     grad_accum: int = 1
-    max_steps: int = 300
+    max_steps: int = 200
     lr: float = 1e-3
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
@@ -66,7 +66,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     target_modules: Any = "all-linear"
     optimizer: str = "adamw"
-    eval_every: int = 100
+    eval_every: int = 0
     eval_examples: int = 90
     max_new_tokens: int = 40
     save_every: int = 50
