@@ -174,6 +174,18 @@ def test_cli_train_with_a_config_file(tok, tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["lora_r"] == 4
     assert main(["train", "--method", "full"]) != 0
 
+    # The adapter remembers its base model, method and template.
+    adapter = tmp_path / "out" / "adapter"
+    info = json.loads((adapter / "qpeft.json").read_text())
+    assert info == {"model": str(folder), "method": "qlora", "compute_dtype": "float32", "template": "course"}
+    assert main(["generate", "--adapter", str(adapter), "--prompt", "Say hi.", "--max-new-tokens", "3"]) == 0
+    result = tmp_path / "eval.json"
+    assert main(["eval", "--adapter", str(adapter), "--data", str(tmp_path / "out" / "data" / "eval.jsonl"),
+                 "--limit", "2", "--max-new-tokens", "2", "--json", str(result)]) == 0
+    assert json.loads(result.read_text())["total"] == 2
+    assert "exact match" in capsys.readouterr().out
+    assert main(["generate", "--adapter", str(tmp_path), "--prompt", "x"]) == 1
+
 
 def test_curve_png(tmp_path):
     p = write_curve_png(tmp_path / "c.png", [1, 2, 3], {"loss": [3.0, float("nan"), 1.0]})

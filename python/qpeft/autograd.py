@@ -79,12 +79,14 @@ def matmul_4bit(
         compute_dtype = out_dtype = torch.get_autocast_dtype(device)
     if compute_dtype is not None and x.dtype != compute_dtype:
         x = x.to(compute_dtype)
-    if not (x.requires_grad or (bias is not None and bias.requires_grad)) or not torch.is_grad_enabled():
-        # Inference: no graph, no saved tensors.
-        with torch.no_grad():
-            out = functional.linear_4bit(x, weight, quant_state)
-            if bias is not None:
-                out = out + bias.to(out.dtype)
+    grad = torch.is_grad_enabled()
+    if not grad or not (x.requires_grad or (bias is not None and bias.requires_grad)):
+        # Inference: no graph, no saved tensors. (Nothing here requires grad, so
+        # autograd records nothing even without a no_grad context, which would
+        # cost more than a small decode matmul's kernel.)
+        out = functional.linear_4bit(x, weight, quant_state)
+        if bias is not None:
+            out = out.add_(bias if bias.dtype == out.dtype else bias.to(out.dtype))
     else:
         with torch.autocast(device, enabled=False):
             out = MatMul4bit.apply(x, weight, quant_state, bias)

@@ -94,7 +94,14 @@ def _add_train(subparsers: Any) -> None:
     add_train_parser(subparsers, run_train)
 
 
-_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train, _add_quantize]
+def _add_inference(subparsers: Any) -> None:
+    from .train.cli import add_eval_parser, add_generate_parser
+
+    add_generate_parser(subparsers)
+    add_eval_parser(subparsers)
+
+
+_SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train, _add_inference, _add_quantize]
 
 
 # -------------------------------------------------------------------- main

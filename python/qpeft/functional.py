@@ -670,6 +670,20 @@ def _weight_args(B: torch.Tensor, qs: Any) -> tuple[int, int, dict[str, Any]]:
     Tensors are recognized by their memory, so a fresh view of the same weight
     (``B.t()`` on every call, as bitsandbytes' layers pass it) still hits.
     """
+    # Fast path: the very same objects as last time, unchanged in place.
+    entry = _WEIGHT_CACHE.get(id(qs))
+    if entry is not None and entry[0]() is qs:
+        fast = entry[4]
+        st2 = getattr(qs, "state2", None)
+        cur = (B, qs.absmax, st2.absmax, st2.code, qs.offset) if st2 is not None else (B, qs.absmax)
+        if (
+            st2 is fast[1]
+            and len(cur) == len(fast[0])
+            and all(a is b for a, b in zip(cur, fast[0]))
+            and (qs.shape, qs.blocksize, qs.quant_type, None if st2 is None else st2.blocksize) == fast[2]
+            and all(t._version == v and t.data_ptr() == d for t, (v, d) in zip(cur, fast[3]) if isinstance(t, torch.Tensor))
+        ):
+            return entry[3]
     _check_tensor("B", B)
     try:
         nested = qs.nested
@@ -682,21 +696,29 @@ def _weight_args(B: torch.Tensor, qs: Any) -> tuple[int, int, dict[str, Any]]:
         raise TypeError(
             f"quant_state must be the QuantState that quantize_4bit returned with B, got {type(qs).__name__}"
         ) from None
-    entry = _WEIGHT_CACHE.get(id(qs))
     if entry is not None and entry[0]() is qs and entry[1] == key:
-        return entry[3]
-    args = _check_weight(B, qs)
+        args = entry[3]
+    else:
+        args = _check_weight(B, qs)
     try:
         ref = weakref.ref(qs, lambda _, i=id(qs): _WEIGHT_CACHE.pop(i, None))
     except TypeError:  # an object without weak references: no caching
         return args
     # `parts` keeps the tensors (and so their memory) alive: nothing else can
-    # take their addresses while the entry exists.
-    _WEIGHT_CACHE[id(qs)] = (ref, key, parts, args)
+    # take their addresses while the entry exists. The fast path compares the
+    # objects themselves, then their versions and addresses (`.data =` keeps
+    # the object but swaps the memory).
+    fast = (
+        parts,
+        qs.state2,
+        (qs.shape, qs.blocksize, qs.quant_type, qs.state2.blocksize if nested else None),
+        tuple((t._version, t.data_ptr()) if isinstance(t, torch.Tensor) else (None, None) for t in parts),
+    )
+    _WEIGHT_CACHE[id(qs)] = (ref, key, parts, args, fast)
     return args
 
 
-#: id(quant state) -> (weak reference to it, key, the tensors the key names, args); see _weight_args.
+#: id(quant state) -> (weak reference to it, key, the tensors the key names, args, fast-path record); see _weight_args.
 _WEIGHT_CACHE: dict[int, tuple] = {}
 
 

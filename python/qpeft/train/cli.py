@@ -7,11 +7,12 @@ import json
 import sys
 import typing
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 from .config import METHODS, OPTIMIZERS, TrainConfig
 
-__all__ = ["add_train_parser"]
+__all__ = ["add_train_parser", "add_generate_parser", "add_eval_parser"]
 
 _CHOICES = {"method": METHODS, "optimizer": OPTIMIZERS, "compute_dtype": ("auto", "bfloat16", "float32"),
             "template": ("course", "alpaca", "chat"),
@@ -116,4 +117,79 @@ def run_train(args: argparse.Namespace) -> int:
               f"({100 * (after - before):+.1f} points)")
     print(f"adapter: {summary['adapter']}  metrics: {cfg.out_dir}/metrics.jsonl  loss curve: {cfg.out_dir}/loss.png")
     print(json.dumps({k: summary[k] for k in ("steps", "final_train_loss", "peak_rss_gb")}))
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", metavar="DIR", help="adapter folder (e.g. runs/default/adapter); none: the base model")
+    p.add_argument("--model", metavar="PATH", help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--method", choices=METHODS, help="qlora: 4-bit base (default: as trained)")
+    p.add_argument("--compute-dtype", choices=("auto", "bfloat16", "float32"), help="default: as trained")
+    p.add_argument("--template", choices=("course", "alpaca", "chat"), help="default: as trained")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per answer (default: 128)")
+    p.add_argument("--threads", type=int, help="CPU threads")
+
+
+def _load(args: argparse.Namespace):
+    import torch
+
+    from .inference import load_adapter_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok, settings = load_adapter_model(args.adapter, args.model, args.method, args.compute_dtype)
+    return model, tok, args.template or settings["template"]
+
+
+def add_generate_parser(subparsers: Any) -> None:
+    """Register ``qpeft generate``."""
+    p = subparsers.add_parser(
+        "generate", help="answer instructions with a base model and adapter (streamed, greedy)",
+        description="Answer an instruction with the base model plus an adapter, in the prompt template the "
+                    "adapter was trained with, streaming the answer. Without --prompt, reads one instruction "
+                    "per line from standard input.")
+    _add_model_args(p)
+    p.add_argument("--prompt", help="the instruction")
+    p.add_argument("--input", default="", help="optional input (context) for the instruction")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the template")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .inference import generate_text
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    model, tok, template = _load(args)
+    prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
+    for prompt in prompts:
+        if not prompt.strip():
+            continue
+        generate_text(model, tok, prompt, args.input, template, args.max_new_tokens, stream=True, raw=args.raw)
+        sys.stdout.flush()
+    return 0
+
+
+def add_eval_parser(subparsers: Any) -> None:
+    """Register ``qpeft eval``."""
+    p = subparsers.add_parser(
+        "eval", help="exact-match accuracy and loss of a model + adapter on a data file",
+        description="Greedy-generate an answer for every example of a data file and report exact-match "
+                    "accuracy (after trimming whitespace) and the loss on the answer tokens.")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, metavar="FILE", help="a .json/.jsonl data file")
+    p.add_argument("--limit", type=int, help="only the first N examples")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad records")
+    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    p.set_defaults(func=run_eval, max_new_tokens=40)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .inference import evaluate_file, print_eval
+
+    model, tok, template = _load(args)
+    result = evaluate_file(model, tok, args.data, template, args.limit, args.max_new_tokens, skip_bad=args.skip_bad)
+    print_eval(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -31,6 +31,7 @@ from .. import data as D
 from .._files import staged_dir
 from .config import TrainConfig
 from .evaluate import exact_match_accuracy, mean_loss, token_loss_sum
+from .inference import write_adapter_info
 from .plot import write_curve_png
 
 __all__ = ["SFTTrainer", "TrainingDiverged", "peak_rss_bytes", "resolve_compute_dtype"]
@@ -348,6 +349,7 @@ class SFTTrainer:
         with staged_dir(adapter) as tmp:
             self.model.save_pretrained(tmp)
             (tmp / "README.md").write_text(self._model_card(before, after))
+            write_adapter_info(tmp, cfg.model, cfg.method, cfg.compute_dtype, cfg.template)
         steps = [r for r in self.history if "loss" in r]
         evals = [r for r in self.history if "eval" in r]
         if steps:
