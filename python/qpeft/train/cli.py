@@ -111,6 +111,8 @@ def run_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"qpeft train: {e}", file=sys.stderr)
         return 2
+    if summary.get("rank", 0) != 0:
+        return 0  # rank 0 reports
     before, after = summary["accuracy_before"], summary["accuracy_after"]
     if before is not None and after is not None:
         print(f"held-out exact match: {100 * before:.1f}% before, {100 * after:.1f}% after "

@@ -57,6 +57,20 @@ def _rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size): joins the process group torchrun describes (gloo on CPU, NCCL on GPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise RuntimeError("this torch build has no torch.distributed; run a single process")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def resolve_compute_dtype(name: str) -> torch.dtype:
     """``"auto"``: bfloat16 where the CPU (AVX512-BF16/AMX) or GPU runs it natively, else float32."""
     if name == "bfloat16":
@@ -96,8 +110,13 @@ class SFTTrainer:
         self.config = config
         self.out = Path(config.out_dir)
         self.dtype = resolve_compute_dtype(config.compute_dtype)
+        self.rank, self.world = _init_distributed()
         if config.threads:
             torch.set_num_threads(config.threads)
+        elif self.world > 1:
+            # Processes on one machine share its cores.
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.model, self.tokenizer = self._build_model(model, tokenizer)
@@ -154,11 +173,13 @@ class SFTTrainer:
                 eval_records = train_records.examples[len(train_records) - n:]
                 train_records.examples = train_records.examples[:len(train_records) - n]
         else:
+            # Every process makes the same set (it is a function of the seed); one writes it.
             train, held = D.make_splits(cfg.n_train, cfg.n_eval, seed=cfg.seed)
-            D.write_jsonl(train, self.out / "data" / "train.jsonl")
-            D.write_jsonl(held, self.out / "data" / "eval.jsonl")
-            train_records = D.read_records(self.out / "data" / "train.jsonl")
-            eval_records = list(D.read_records(self.out / "data" / "eval.jsonl"))
+            if self.rank == 0:
+                D.write_jsonl(train, self.out / "data" / "train.jsonl")
+                D.write_jsonl(held, self.out / "data" / "eval.jsonl")
+            train_records = D.Records([D.parse_record(r, where=f"generated train {i}") for i, r in enumerate(train)])
+            eval_records = [D.parse_record(r, where=f"generated eval {i}") for i, r in enumerate(held)]
             tasks = [r["task"] for r in held]
         encoded = D.encode_all(train_records, self.tokenizer, cfg.template, cfg.max_length)
         if encoded.dropped:
@@ -210,7 +231,10 @@ class SFTTrainer:
             if epoch not in cache:
                 cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
             picked.append(self.data.units[int(cache[epoch][pos])])
-        return [picked[j:j + cfg.batch_size] for j in range(0, per_step, cfg.batch_size)]
+        # With several processes each takes every world-th example: together
+        # they cover the step's examples exactly once.
+        mine = picked[self.rank::self.world]
+        return [mine[j:j + cfg.batch_size] for j in range(0, len(mine), cfg.batch_size)]
 
     def _collate(self, units: list) -> dict[str, torch.Tensor]:
         if self.config.packing:
@@ -222,28 +246,34 @@ class SFTTrainer:
     def train(self) -> dict[str, Any]:
         """Run (or resume) training; returns the summary that is also written to ``summary.json``."""
         cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        main = self.rank == 0
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         before = None
         if cfg.resume and (self.out / "checkpoint").is_dir():
             before = self._load_checkpoint()
             log.info("resumed from %s at step %d", self.out / "checkpoint", self.step)
         else:
-            self._truncate_metrics(0)
-            if cfg.eval_examples:
+            if main:
+                self._truncate_metrics(0)
+            if cfg.eval_examples and main:
                 before = self.evaluate("before")
         start = time.perf_counter()
         tokens_done = 0
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
             micro = [self._collate(u) for u in self._batch_units(self.step)]
-            n_tokens = sum(int((b["labels"][:, 1:] != D.IGNORE_INDEX).sum()) for b in micro)
+            # Every target token of the step weighs the same, however the
+            # examples are split into micro-batches and processes.
+            n_tokens = self._sum(sum(int((b["labels"][:, 1:] != D.IGNORE_INDEX).sum()) for b in micro))
             total = 0.0
             for b in micro:
                 loss_sum, _ = token_loss_sum(self.model, b)
                 (loss_sum / max(n_tokens, 1)).backward()
                 total += float(loss_sum.detach())
-            loss = total / max(n_tokens, 1)
+            loss = self._sum(total) / max(n_tokens, 1)
+            self._sum_grads()
             if not math.isfinite(loss):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise TrainingDiverged(
@@ -257,22 +287,53 @@ class SFTTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             dt = time.perf_counter() - t0
-            seen = sum(int(b["attention_mask"].sum()) if b["attention_mask"].dim() == 2 else b["input_ids"].numel()
-                       for b in micro)
+            seen = int(self._sum(sum(int(b["attention_mask"].sum()) if b["attention_mask"].dim() == 2
+                                     else b["input_ids"].numel() for b in micro)))
             tokens_done += seen
             record = {"step": self.step, "loss": loss, "lr": lr, "tokens": seen, "tokens_per_s": seen / dt,
                       "step_s": dt, "rss_gb": _rss_bytes() / 2**30, "peak_rss_gb": peak_rss_bytes() / 2**30}
+            if not main:
+                continue
             self._log(record)
             self.progress(record)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps and cfg.eval_examples:
                 self.evaluate("step")
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                 self._save_checkpoint(before)
-        after = self.evaluate("after") if cfg.eval_examples else None
         elapsed = time.perf_counter() - start
-        self._save_checkpoint(before)
-        summary = self._finish(before, after, elapsed, tokens_done)
+        summary: dict[str, Any] = {"steps": self.step, "rank": self.rank}
+        if main:
+            after = self.evaluate("after") if cfg.eval_examples else None
+            self._save_checkpoint(before)
+            summary = self._finish(before, after, elapsed, tokens_done)
+        if self.world > 1:
+            torch.distributed.barrier()
         return summary
+
+    # ------------------------------------------------------------ processes
+
+    def _sum(self, value: float) -> float:
+        """Sum of ``value`` over the processes."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+    def _sum_grads(self) -> None:
+        """Add up the processes' gradients (their losses are already divided by the global token count)."""
+        if self.world == 1:
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1).to(torch.float32) for p in self.params])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
 
     def evaluate(self, when: str) -> dict[str, Any]:
         """Held-out loss and exact-match accuracy; logged to metrics.jsonl."""
@@ -301,7 +362,8 @@ class SFTTrainer:
         kept = []
         if lines and path.exists():
             kept = path.read_text(encoding="utf-8").splitlines()[:lines]
-        path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        if self.rank == 0:
+            path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
         self.history = [json.loads(k) for k in kept]
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
@@ -367,6 +429,8 @@ class SFTTrainer:
             "peak_rss_gb": peak_rss_bytes() / 2**30,
             "evaluations": len(evals),
             "adapter": str(adapter),
+            "rank": self.rank,
+            "world_size": self.world,
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
