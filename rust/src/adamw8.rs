@@ -93,20 +93,33 @@ fn cell_range(key: usize) -> (f32, f32) {
     }
 }
 
+/// The low 16 bits of a float, flipped for negative numbers: within one
+/// lookup cell (all floats sharing sign, exponent and top 7 mantissa bits)
+/// x < y exactly when `order_bits(x) < order_bits(y)`.
+#[inline(always)]
+fn order_bits(bits: u32) -> u32 {
+    (bits & 0xffff) ^ (0u32.wrapping_sub(bits >> 31) & 0xffff)
+}
+
+/// Threshold that no `order_bits` value reaches: the cell holds no midpoint.
+const NO_MIDPOINT: u32 = 0x1_0000;
+
 /// A fast exact encoder for one of the two dynamic maps.
+///
+/// Each lookup cell stores, in one 32-bit word, `k` (bits 17..25: the number
+/// of midpoints below the cell) and the `order_bits` of the one midpoint
+/// inside the cell (or [`NO_MIDPOINT`]), so one table read and one integer
+/// comparison give the code.
 pub struct FastCode {
     /// The 256 code values (what dequantization multiplies by absmax).
     pub values: [f32; 256],
-    /// midpoints[k] = (values[k] + values[k+1]) * 0.5; midpoints[255] = +inf.
-    midpoints: [f32; 256],
-    /// Number of midpoints strictly below the lowest float of each cell;
-    /// three bytes of padding let a 32-bit gather read the last entry.
-    lut: Box<[u8]>,
+    lut: Box<[u32]>,
 }
 
 impl FastCode {
-    /// Build the table for `values`; fails if some cell holds two midpoints
-    /// (the dynamic maps never do).
+    /// Build the table for `values`; fails if some cell holds two midpoints,
+    /// or one of the end cells (which also take every smaller or larger
+    /// magnitude) holds any (the dynamic maps do neither).
     pub fn new(values: [f32; 256]) -> Result<Self> {
         let reference = Code8::new(values)?;
         let mut midpoints = [f32::INFINITY; 256];
@@ -114,16 +127,23 @@ impl FastCode {
             midpoints[k] = (values[k] + values[k + 1]) * 0.5;
         }
         let below = |x: f32| midpoints[..255].iter().filter(|&&m| m < x).count();
-        let mut lut = vec![0u8; LUT_LEN + 3].into_boxed_slice();
-        for (key, entry) in lut[..LUT_LEN].iter_mut().enumerate() {
+        let mut lut = vec![0u32; LUT_LEN].into_boxed_slice();
+        for (key, entry) in lut.iter_mut().enumerate() {
             let (lo, hi) = cell_range(key);
             let k = below(lo);
-            if below(hi) > k + 1 {
-                return Err(invalid("this 8-bit code has two midpoints in one lookup cell"));
+            let kh = below(hi);
+            let inside = kh - k + (kh < 255 && midpoints[kh] == hi) as usize;
+            let end_cell = {
+                let (ec, mant) = ((key >> MANT_BITS) & 31, key & ((1 << MANT_BITS) - 1));
+                (ec == 0 && mant == 0) || (ec as u32 == EMAX - EMIN && mant == (1 << MANT_BITS) - 1)
+            };
+            if inside > 1 || (inside == 1 && end_cell) {
+                return Err(invalid(format!("this 8-bit code has {inside} midpoints in lookup cell {key:#x} ({lo:e}..{hi:e})")));
             }
-            *entry = k as u8;
+            let t = if inside == 1 { order_bits(midpoints[k].to_bits()) } else { NO_MIDPOINT };
+            *entry = ((k as u32) << 17) | t;
         }
-        let code = FastCode { values, midpoints, lut };
+        let code = FastCode { values, lut };
         // A cheap self-check: every code value and midpoint encodes as the
         // binary search does.
         for k in 0..255 {
@@ -140,10 +160,12 @@ impl FastCode {
     /// [`Code8::encode`]).
     #[inline(always)]
     pub fn encode(&self, x: f32) -> u8 {
-        let k = self.lut[lut_key(x.to_bits()) & (LUT_LEN - 1)] as usize;
-        let mid = self.midpoints[k];
-        let up = (mid < x) as usize;
-        let tie = (mid == x && k & 1 == 1 && k != 255) as usize;
+        let bits = x.to_bits();
+        let entry = self.lut[lut_key(bits) & (LUT_LEN - 1)];
+        let (k, t) = (entry >> 17, entry & 0x1_ffff);
+        let y = order_bits(bits);
+        let up = (y > t) as u32;
+        let tie = (y == t && k & 1 == 1 && k != 255) as u32;
         if x.is_nan() {
             0
         } else {
@@ -256,17 +278,16 @@ mod avx512 {
             _mm512_slli_epi32::<{ 5 + MANT_BITS }>(sign),
             _mm512_or_si512(_mm512_slli_epi32::<MANT_BITS>(ec), mant),
         );
-        debug_assert!(code.lut.len() >= LUT_LEN + 3);
-        // Byte table read as 32-bit lanes at byte offsets; the low byte is the entry.
-        let k = _mm512_and_si512(
-            _mm512_i32gather_epi32::<1>(key, code.lut.as_ptr() as *const i32),
-            _mm512_set1_epi32(0xff),
-        );
-        let mid = _mm512_i32gather_ps::<4>(k, code.midpoints.as_ptr());
-        let up = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(mid, x);
+        debug_assert!(code.lut.len() == LUT_LEN);
+        let entry = _mm512_i32gather_epi32::<4>(key, code.lut.as_ptr() as *const i32);
+        let k = _mm512_srli_epi32::<17>(entry);
+        let t = _mm512_and_si512(entry, _mm512_set1_epi32(0x1_ffff));
+        let flip = _mm512_and_si512(_mm512_sub_epi32(_mm512_setzero_si512(), sign), _mm512_set1_epi32(0xffff));
+        let y = _mm512_xor_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0xffff)), flip);
+        let up = _mm512_cmpgt_epi32_mask(y, t);
         let odd = _mm512_test_epi32_mask(k, _mm512_set1_epi32(1));
         let not_last = _mm512_cmpneq_epi32_mask(k, _mm512_set1_epi32(255));
-        let tie = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(mid, x) & odd & not_last;
+        let tie = _mm512_cmpeq_epi32_mask(y, t) & odd & not_last;
         let one = _mm512_set1_epi32(1);
         let mut c = _mm512_mask_add_epi32(k, up | tie, k, one);
         let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
@@ -486,7 +507,11 @@ mod tests {
     fn fast_encoder_is_exact_near_every_midpoint_and_code() {
         for (slow, fast) in references() {
             for k in 0..256 {
-                let centres = if k < 255 { vec![fast.values[k], fast.midpoints[k]] } else { vec![fast.values[k]] };
+                let centres = if k < 255 {
+                    vec![fast.values[k], (fast.values[k] + fast.values[k + 1]) * 0.5]
+                } else {
+                    vec![fast.values[k]]
+                };
                 for c in centres {
                     let b = c.to_bits() as i64;
                     for d in -300..=300i64 {
@@ -719,6 +744,53 @@ mod tests {
                 prop_assert_eq!(fast.encode(x), slow.encode(x));
                 prop_assert_eq!(fast.encode(near), slow.encode(near));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use std::time::Instant;
+
+    /// Single-thread cost of the pieces of the 8-bit step (run with
+    /// `cargo test --release timing -- --ignored --nocapture`).
+    #[test]
+    #[ignore = "timing, not a check"]
+    fn phases() {
+        let n = 1 << 24;
+        let x: Vec<f32> = (0..n).map(|i| ((i as f32 * 0.618).fract() - 0.5) * 2.0).collect();
+        let mut q = vec![0u8; n];
+        let mut y = vec![0f32; n];
+        let cs = signed();
+        for _ in 0..2 {
+            let t = Instant::now();
+            for (xb, qb) in x.chunks(BLOCK).zip(q.chunks_mut(BLOCK)) {
+                unsafe { avx512::encode_block(xb, Scale::Mul(1.0), cs, true, qb) };
+            }
+            eprintln!("encode   {:.2} ns/elem", t.elapsed().as_nanos() as f64 / n as f64);
+            let t = Instant::now();
+            for (qb, yb) in q.chunks(BLOCK).zip(y.chunks_mut(BLOCK)) {
+                unsafe { avx512::dequantize_block(qb, &cs.values, 1.0, yb) };
+            }
+            eprintln!("dequant  {:.2} ns/elem", t.elapsed().as_nanos() as f64 / n as f64);
+        }
+        let mut p = x.clone();
+        let g: Vec<f32> = x.iter().map(|v| v * 0.01).collect();
+        let (mut qm, mut qv) = (vec![127u8; n], vec![0u8; n]);
+        let (mut am, mut av) = (vec![0f32; n / BLOCK], vec![0f32; n / BLOCK]);
+        let h = AdamW8 { beta1: 0.9, one_minus_beta1: 0.1, beta2: 0.999, one_minus_beta2: 0.001, bc2_sqrt: 0.03, eps: 1e-8, decay: 1.0, step_size: -1e-3, maximize: false };
+        for _ in 0..2 {
+            let t = Instant::now();
+            adamw8_step(&mut p, &g, &mut qm, &mut qv, &mut am, &mut av, &h, 1).unwrap();
+            eprintln!("step     {:.2} ns/elem", t.elapsed().as_nanos() as f64 / n as f64);
+        }
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        let h32 = crate::adamw::AdamW32 { decay: 1.0, lerp_weight: 0.1, beta2: 0.999, one_minus_beta2: 0.001, bc2_sqrt: 0.03, eps: 1e-8, step_size: -1e-3, maximize: false };
+        for _ in 0..2 {
+            let t = Instant::now();
+            crate::adamw::adamw_step(&mut p, &g, &mut m, &mut v, &h32, 1).unwrap();
+            eprintln!("step32   {:.2} ns/elem", t.elapsed().as_nanos() as f64 / n as f64);
         }
     }
 }
