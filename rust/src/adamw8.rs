@@ -114,6 +114,9 @@ pub struct FastCode {
     /// The 256 code values (what dequantization multiplies by absmax).
     pub values: [f32; 256],
     lut: Box<[u32]>,
+    /// planes[j][c] = byte j of values[c]: four 256-byte tables that byte
+    /// shuffles (AVX-512 VBMI) can index 64 codes at a time.
+    planes: [[u8; 256]; 4],
 }
 
 impl FastCode {
@@ -143,7 +146,13 @@ impl FastCode {
             let t = if inside == 1 { order_bits(midpoints[k].to_bits()) } else { NO_MIDPOINT };
             *entry = ((k as u32) << 17) | t;
         }
-        let code = FastCode { values, lut };
+        let mut planes = [[0u8; 256]; 4];
+        for (c, v) in values.iter().enumerate() {
+            for (j, b) in v.to_bits().to_le_bytes().into_iter().enumerate() {
+                planes[j][c] = b;
+            }
+        }
+        let code = FastCode { values, lut, planes };
         // A cheap self-check: every code value and midpoint encodes as the
         // binary search does.
         for k in 0..255 {
@@ -318,6 +327,53 @@ mod avx512 {
         super::encode_block(&x[full..n], scale, code, keep_sign, &mut out[full..n]);
     }
 
+    /// `code.values[q] * absmax` for 64 codes at a time without gathers: each
+    /// byte of the float32 values is looked up in its own 256-byte plane by
+    /// two 128-entry byte shuffles, and the four planes are interleaved back
+    /// into floats. The codes are permuted first so that the in-lane
+    /// interleave leaves the floats in order.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma")]
+    pub(super) unsafe fn dequantize_block_vbmi(q: &[u8], code: &FastCode, absmax: f32, out: &mut [f32]) {
+        let n = q.len().min(out.len());
+        let full = n / 64 * 64;
+        let mut perm = [0u8; 64];
+        for (pos, p) in perm.iter_mut().enumerate() {
+            let (lane, reg, k) = (pos / 16, (pos % 16) / 4, pos % 4);
+            *p = (reg * 16 + lane * 4 + k) as u8;
+        }
+        let perm = _mm512_loadu_si512(perm.as_ptr() as *const _);
+        let t = |j: usize, part: usize| _mm512_loadu_si512(code.planes[j].as_ptr().add(64 * part) as *const _);
+        let tables = [
+            [t(0, 0), t(0, 1), t(0, 2), t(0, 3)],
+            [t(1, 0), t(1, 1), t(1, 2), t(1, 3)],
+            [t(2, 0), t(2, 1), t(2, 2), t(2, 3)],
+            [t(3, 0), t(3, 1), t(3, 2), t(3, 3)],
+        ];
+        let a = _mm512_set1_ps(absmax);
+        for i in (0..full).step_by(64) {
+            let c = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(q.as_ptr().add(i) as *const _));
+            let upper = _mm512_movepi8_mask(c);
+            let plane = |tb: &[__m512i; 4]| {
+                let lo = _mm512_permutex2var_epi8(tb[0], c, tb[1]);
+                let hi = _mm512_permutex2var_epi8(tb[2], c, tb[3]);
+                _mm512_mask_blend_epi8(upper, lo, hi)
+            };
+            let (b0, b1, b2, b3) = (plane(&tables[0]), plane(&tables[1]), plane(&tables[2]), plane(&tables[3]));
+            let (w01l, w01h) = (_mm512_unpacklo_epi8(b0, b1), _mm512_unpackhi_epi8(b0, b1));
+            let (w23l, w23h) = (_mm512_unpacklo_epi8(b2, b3), _mm512_unpackhi_epi8(b2, b3));
+            let r = [
+                _mm512_unpacklo_epi16(w01l, w23l),
+                _mm512_unpackhi_epi16(w01l, w23l),
+                _mm512_unpacklo_epi16(w01h, w23h),
+                _mm512_unpackhi_epi16(w01h, w23h),
+            ];
+            for (j, rj) in r.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(i + 16 * j), _mm512_mul_ps(_mm512_castsi512_ps(*rj), a));
+            }
+        }
+        dequantize_block(&q[full..n], &code.values, absmax, &mut out[full..n]);
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     pub(super) unsafe fn dequantize_block(q: &[u8], values: &[f32; 256], absmax: f32, out: &mut [f32]) {
         let n = q.len().min(out.len());
@@ -330,6 +386,13 @@ mod avx512 {
         }
         super::dequantize_block(&q[full..n], values, absmax, &mut out[full..n]);
     }
+}
+
+/// AVX-512 VBMI (byte shuffles across a whole register), for dequantization.
+#[cfg(target_arch = "x86_64")]
+fn has_vbmi() -> bool {
+    static VBMI: OnceLock<bool> = OnceLock::new();
+    *VBMI.get_or_init(|| cpu::best() == Isa::Avx512 && is_x86_feature_detected!("avx512vbmi"))
 }
 
 /// One chunk of whole blocks (the last may be partial).
@@ -360,8 +423,13 @@ fn step_blocks<T: Elem, const AVX512: bool>(
         if AVX512 {
             // SAFETY: only instantiated from the AVX-512 entry point.
             unsafe {
-                avx512::dequantize_block(qmb, &cs.values, *am, mb);
-                avx512::dequantize_block(qvb, &cu.values, *av, vb);
+                if has_vbmi() {
+                    avx512::dequantize_block_vbmi(qmb, cs, *am, mb);
+                    avx512::dequantize_block_vbmi(qvb, cu, *av, vb);
+                } else {
+                    avx512::dequantize_block(qmb, &cs.values, *am, mb);
+                    avx512::dequantize_block(qvb, &cu.values, *av, vb);
+                }
             }
         }
         if !AVX512 || cfg!(not(target_arch = "x86_64")) {
@@ -578,6 +646,11 @@ mod tests {
                     dequantize_block(&a, &fast.values, 0.37, &mut d1);
                     unsafe { avx512::dequantize_block(&a, &fast.values, 0.37, &mut d2) };
                     assert_eq!(d1, d2);
+                    if has_vbmi() {
+                        let mut d3 = vec![0f32; a.len()];
+                        unsafe { avx512::dequantize_block_vbmi(&a, fast, 0.37, &mut d3) };
+                        assert_eq!(d1, d3);
+                    }
                 }
             }
         }
@@ -753,6 +826,47 @@ mod timing {
     use super::*;
     use std::time::Instant;
 
+    /// Per-element cost of each piece on one L1-resident block.
+    #[test]
+    #[ignore = "timing, not a check"]
+    fn pieces_in_cache() {
+        let reps = 200_000;
+        let x: Vec<f32> = (0..BLOCK).map(|i| ((i as f32 * 0.618).fract() - 0.5) * 2.0).collect();
+        let mut q = vec![0u8; BLOCK];
+        let mut y = vec![0f32; BLOCK];
+        let cs = signed();
+        let per = |t: Instant| t.elapsed().as_nanos() as f64 / (reps * BLOCK) as f64;
+        let t = Instant::now();
+        for _ in 0..reps {
+            unsafe { avx512::encode_block(std::hint::black_box(&x), Scale::Mul(1.0), cs, true, &mut q) };
+        }
+        eprintln!("encode        {:.3} ns/elem", per(t));
+        let t = Instant::now();
+        for _ in 0..reps {
+            unsafe { avx512::dequantize_block(std::hint::black_box(&q), &cs.values, 1.0, &mut y) };
+        }
+        eprintln!("dequant gather {:.3} ns/elem", per(t));
+        let t = Instant::now();
+        for _ in 0..reps {
+            unsafe { avx512::dequantize_block_vbmi(std::hint::black_box(&q), cs, 1.0, &mut y) };
+        }
+        eprintln!("dequant vbmi  {:.3} ns/elem", per(t));
+        let mut p = x.clone();
+        let g: Vec<f32> = x.iter().map(|v| v * 0.01).collect();
+        let mut m = x.clone();
+        let mut v: Vec<f32> = x.iter().map(|a| a * a).collect();
+        let h = AdamW8 { beta1: 0.9, one_minus_beta1: 0.1, beta2: 0.999, one_minus_beta2: 0.001, bc2_sqrt: 0.03, eps: 1e-8, decay: 1.0, step_size: -1e-9, maximize: false };
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+        unsafe fn upd(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamW8) -> (f32, f32) {
+            update_block(p, g, m, v, h)
+        }
+        let t = Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(unsafe { upd(&mut p, std::hint::black_box(&g), &mut m, &mut v, &h) });
+        }
+        eprintln!("update        {:.3} ns/elem", per(t));
+    }
+
     /// Single-thread cost of the pieces of the 8-bit step (run with
     /// `cargo test --release timing -- --ignored --nocapture`).
     #[test]
@@ -774,6 +888,11 @@ mod timing {
                 unsafe { avx512::dequantize_block(qb, &cs.values, 1.0, yb) };
             }
             eprintln!("dequant  {:.2} ns/elem", t.elapsed().as_nanos() as f64 / n as f64);
+            let t = Instant::now();
+            for (qb, yb) in q.chunks(BLOCK).zip(y.chunks_mut(BLOCK)) {
+                unsafe { avx512::dequantize_block_vbmi(qb, cs, 1.0, yb) };
+            }
+            eprintln!("dequant vbmi {:.2} ns/elem", t.elapsed().as_nanos() as f64 / n as f64);
         }
         let mut p = x.clone();
         let g: Vec<f32> = x.iter().map(|v| v * 0.01).collect();
