@@ -197,7 +197,7 @@ def _run_lora(weights, inputs, make_opt, steps=200):
         loss = loss_fn()
         loss.backward()
         opt.step()
-    return params, float(loss)
+    return params, float(loss.detach())
 
 
 def _check_lora(weights, inputs):

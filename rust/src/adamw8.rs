@@ -821,7 +821,7 @@ mod tests {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64"))]
 mod timing {
     use super::*;
     use std::time::Instant;
