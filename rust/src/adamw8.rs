@@ -388,6 +388,84 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{FastCode, Scale, EMAX, EMIN, LUT_LEN, MANT_BITS, SIGNED_ZERO_CODE};
+
+    /// Codes of 8 scaled values as 32-bit lanes (the AVX-512 `encode16` with
+    /// vector compares instead of mask registers).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn encode8(x: __m256, code: &FastCode) -> __m256i {
+        let bits = _mm256_castps_si256(x);
+        let sign = _mm256_srli_epi32::<31>(bits);
+        let e = _mm256_and_si256(_mm256_srli_epi32::<23>(bits), _mm256_set1_epi32(0xff));
+        let mant_mask = _mm256_set1_epi32((1 << MANT_BITS) - 1);
+        let mut mant = _mm256_and_si256(_mm256_srli_epi32::<{ 23 - MANT_BITS as i32 }>(bits), mant_mask);
+        let emin = _mm256_set1_epi32(EMIN as i32);
+        let emax = _mm256_set1_epi32(EMAX as i32);
+        mant = _mm256_andnot_si256(_mm256_cmpgt_epi32(emin, e), mant);
+        mant = _mm256_or_si256(mant, _mm256_and_si256(_mm256_cmpgt_epi32(e, emax), mant_mask));
+        let ec = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(e, emin), emax), emin);
+        let key = _mm256_or_si256(
+            _mm256_slli_epi32::<{ 5 + MANT_BITS as i32 }>(sign),
+            _mm256_or_si256(_mm256_slli_epi32::<{ MANT_BITS as i32 }>(ec), mant),
+        );
+        debug_assert!(code.lut.len() == LUT_LEN);
+        let entry = _mm256_i32gather_epi32::<4>(code.lut.as_ptr() as *const i32, key);
+        let k = _mm256_srli_epi32::<17>(entry);
+        let t = _mm256_and_si256(entry, _mm256_set1_epi32(0x1_ffff));
+        let flip = _mm256_and_si256(_mm256_sub_epi32(_mm256_setzero_si256(), sign), _mm256_set1_epi32(0xffff));
+        let y = _mm256_xor_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0xffff)), flip);
+        // Comparison results are -1 where true: subtracting them adds one.
+        let up = _mm256_cmpgt_epi32(y, t);
+        let one = _mm256_set1_epi32(1);
+        let odd = _mm256_cmpeq_epi32(_mm256_and_si256(k, one), one);
+        let last = _mm256_cmpeq_epi32(k, _mm256_set1_epi32(255));
+        let tie = _mm256_andnot_si256(last, _mm256_and_si256(_mm256_cmpeq_epi32(y, t), odd));
+        let c = _mm256_sub_epi32(_mm256_sub_epi32(k, up), tie);
+        let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+        _mm256_andnot_si256(nan, c)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn encode_block(x: &[f32], scale: Scale, code: &FastCode, keep_sign: bool, out: &mut [u8]) {
+        let n = x.len().min(out.len());
+        let full = n / 8 * 8;
+        let zero_code = _mm256_set1_epi32(SIGNED_ZERO_CODE as i32);
+        for i in (0..full).step_by(8) {
+            let xi = _mm256_loadu_ps(x.as_ptr().add(i));
+            let s = match scale {
+                Scale::Mul(f) => _mm256_mul_ps(xi, _mm256_set1_ps(f)),
+                Scale::Div(a) => _mm256_div_ps(xi, _mm256_set1_ps(a)),
+            };
+            let mut c = encode8(s, code);
+            if keep_sign {
+                let neg = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(xi, _mm256_setzero_ps()));
+                c = _mm256_add_epi32(c, _mm256_and_si256(neg, _mm256_cmpeq_epi32(c, zero_code)));
+            }
+            let words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256::<1>(c));
+            _mm_storel_epi64(out.as_mut_ptr().add(i) as *mut __m128i, _mm_packus_epi16(words, words));
+        }
+        super::encode_block(&x[full..n], scale, code, keep_sign, &mut out[full..n]);
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dequantize_block(q: &[u8], values: &[f32; 256], absmax: f32, out: &mut [f32]) {
+        let n = q.len().min(out.len());
+        let full = n / 8 * 8;
+        let a = _mm256_set1_ps(absmax);
+        for i in (0..full).step_by(8) {
+            let idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q.as_ptr().add(i) as *const __m128i));
+            let vals = _mm256_i32gather_ps::<4>(values.as_ptr(), idx);
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(vals, a));
+        }
+        super::dequantize_block(&q[full..n], values, absmax, &mut out[full..n]);
+    }
+}
+
 /// AVX-512 VBMI (byte shuffles across a whole register), for dequantization.
 #[cfg(target_arch = "x86_64")]
 fn has_vbmi() -> bool {
@@ -395,10 +473,15 @@ fn has_vbmi() -> bool {
     *VBMI.get_or_init(|| cpu::best() == Isa::Avx512 && is_x86_feature_detected!("avx512vbmi"))
 }
 
+/// Which block pieces [`step_blocks`] uses.
+const SCALAR: u8 = 0;
+const AVX2: u8 = 1;
+const AVX512: u8 = 2;
+
 /// One chunk of whole blocks (the last may be partial).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn step_blocks<T: Elem, const AVX512: bool>(
+fn step_blocks<T: Elem, const SIMD: u8>(
     p: &mut [T],
     g: &[T],
     qm: &mut [u8],
@@ -419,10 +502,11 @@ fn step_blocks<T: Elem, const AVX512: bool>(
     for ((((pb, gb), qmb), qvb), (am, av)) in blocks {
         let n = pb.len();
         let (mb, vb) = (&mut mb[..n], &mut vb[..n]);
-        #[cfg(target_arch = "x86_64")]
-        if AVX512 {
-            // SAFETY: only instantiated from the AVX-512 entry point.
-            unsafe {
+        match SIMD {
+            // SAFETY (both arms): only instantiated from the entry points
+            // of these instruction sets, which cpu::usable() vetted.
+            #[cfg(target_arch = "x86_64")]
+            AVX512 => unsafe {
                 if has_vbmi() {
                     avx512::dequantize_block_vbmi(qmb, cs, *am, mb);
                     avx512::dequantize_block_vbmi(qvb, cu, *av, vb);
@@ -430,27 +514,36 @@ fn step_blocks<T: Elem, const AVX512: bool>(
                     avx512::dequantize_block(qmb, &cs.values, *am, mb);
                     avx512::dequantize_block(qvb, &cu.values, *av, vb);
                 }
+            },
+            #[cfg(target_arch = "x86_64")]
+            AVX2 => unsafe {
+                avx2::dequantize_block(qmb, &cs.values, *am, mb);
+                avx2::dequantize_block(qvb, &cu.values, *av, vb);
+            },
+            _ => {
+                dequantize_block(qmb, &cs.values, *am, mb);
+                dequantize_block(qvb, &cu.values, *av, vb);
             }
-        }
-        if !AVX512 || cfg!(not(target_arch = "x86_64")) {
-            dequantize_block(qmb, &cs.values, *am, mb);
-            dequantize_block(qvb, &cu.values, *av, vb);
         }
         let (new_am, new_av) = update_block(pb, gb, mb, vb, h);
         *am = new_am;
         *av = new_av;
         let (sm, sv) = (scale::cuda_rule(new_am), scale::cuda_rule(new_av));
-        #[cfg(target_arch = "x86_64")]
-        if AVX512 {
-            // SAFETY: as above.
-            unsafe {
+        match SIMD {
+            #[cfg(target_arch = "x86_64")]
+            AVX512 => unsafe {
                 avx512::encode_block(mb, sm, cs, true, qmb);
                 avx512::encode_block(vb, sv, cu, false, qvb);
+            },
+            #[cfg(target_arch = "x86_64")]
+            AVX2 => unsafe {
+                avx2::encode_block(mb, sm, cs, true, qmb);
+                avx2::encode_block(vb, sv, cu, false, qvb);
+            },
+            _ => {
+                encode_block(mb, sm, cs, true, qmb);
+                encode_block(vb, sv, cu, false, qvb);
             }
-        }
-        if !AVX512 || cfg!(not(target_arch = "x86_64")) {
-            encode_block(mb, sm, cs, true, qmb);
-            encode_block(vb, sv, cu, false, qvb);
         }
     }
 }
@@ -466,7 +559,7 @@ unsafe fn step_blocks_avx512<T: Elem>(
     av: &mut [f32],
     h: &AdamW8,
 ) {
-    step_blocks::<T, true>(p, g, qm, qv, am, av, h)
+    step_blocks::<T, AVX512>(p, g, qm, qv, am, av, h)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -480,7 +573,7 @@ unsafe fn step_blocks_avx2<T: Elem>(
     av: &mut [f32],
     h: &AdamW8,
 ) {
-    step_blocks::<T, false>(p, g, qm, qv, am, av, h)
+    step_blocks::<T, AVX2>(p, g, qm, qv, am, av, h)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -500,7 +593,7 @@ fn step_blocks_isa<T: Elem>(
         Isa::Avx512 => unsafe { step_blocks_avx512(p, g, qm, qv, am, av, h) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { step_blocks_avx2(p, g, qm, qv, am, av, h) },
-        _ => step_blocks::<T, false>(p, g, qm, qv, am, av, h),
+        _ => step_blocks::<T, SCALAR>(p, g, qm, qv, am, av, h),
     }
 }
 
@@ -642,9 +735,13 @@ mod tests {
                     encode_block(&x[3..], scale, fast, keep_sign, &mut a);
                     unsafe { avx512::encode_block(&x[3..], scale, fast, keep_sign, &mut b) };
                     assert_eq!(a, b);
+                    unsafe { avx2::encode_block(&x[3..], scale, fast, keep_sign, &mut b) };
+                    assert_eq!(a, b);
                     let (mut d1, mut d2) = (vec![0f32; a.len()], vec![0f32; a.len()]);
                     dequantize_block(&a, &fast.values, 0.37, &mut d1);
                     unsafe { avx512::dequantize_block(&a, &fast.values, 0.37, &mut d2) };
+                    assert_eq!(d1, d2);
+                    unsafe { avx2::dequantize_block(&a, &fast.values, 0.37, &mut d2) };
                     assert_eq!(d1, d2);
                     if has_vbmi() {
                         let mut d3 = vec![0f32; a.len()];
@@ -899,17 +996,17 @@ mod timing {
         let (mut qm, mut qv) = (vec![127u8; n], vec![0u8; n]);
         let (mut am, mut av) = (vec![0f32; n / BLOCK], vec![0f32; n / BLOCK]);
         let h = AdamW8 { beta1: 0.9, one_minus_beta1: 0.1, beta2: 0.999, one_minus_beta2: 0.001, bc2_sqrt: 0.03, eps: 1e-8, decay: 1.0, step_size: -1e-3, maximize: false };
-        for _ in 0..2 {
+        for isa in [Isa::Avx512, Isa::Avx512, Isa::Avx2, Isa::Scalar] {
             let t = Instant::now();
-            adamw8_step(&mut p, &g, &mut qm, &mut qv, &mut am, &mut av, &h, 1).unwrap();
-            eprintln!("step     {:.2} ns/elem", t.elapsed().as_nanos() as f64 / n as f64);
+            adamw8_step_isa(isa, &mut p, &g, &mut qm, &mut qv, &mut am, &mut av, &h, 1).unwrap();
+            eprintln!("step {isa:?} {:.2} ns/elem", t.elapsed().as_nanos() as f64 / n as f64);
         }
         let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
         let h32 = crate::adamw::AdamW32 { decay: 1.0, lerp_weight: 0.1, beta2: 0.999, one_minus_beta2: 0.001, bc2_sqrt: 0.03, eps: 1e-8, step_size: -1e-3, maximize: false };
-        for _ in 0..2 {
+        for isa in [Isa::Avx512, Isa::Avx512, Isa::Avx2, Isa::Scalar] {
             let t = Instant::now();
-            crate::adamw::adamw_step(&mut p, &g, &mut m, &mut v, &h32, 1).unwrap();
-            eprintln!("step32   {:.2} ns/elem", t.elapsed().as_nanos() as f64 / n as f64);
+            crate::adamw::adamw_step_isa(isa, &mut p, &g, &mut m, &mut v, &h32, 1).unwrap();
+            eprintln!("step32 {isa:?} {:.2} ns/elem", t.elapsed().as_nanos() as f64 / n as f64);
         }
     }
 }
