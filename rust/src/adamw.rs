@@ -45,6 +45,21 @@ pub struct AdamW32 {
     pub maximize: bool,
 }
 
+/// `x / c` for float32 `x` and a float32 constant `c`, correctly rounded,
+/// given `inv = 1 / c` rounded to float64: a multiply instead of a divide
+/// (the divide is the slowest instruction of the update).
+///
+/// Why it is exact: x * inv in float64 is within 2^-52 (relative) of x / c;
+/// a float32 rounding boundary (a 25-bit midpoint) that is not x / c itself
+/// lies at least 2^-49 away from a quotient of two 24-bit significands, and
+/// x / c is never exactly a midpoint unless c is a power of two, where the
+/// product is exact. So rounding the float64 product to float32 gives the
+/// float32 quotient (tested against the divide in both kernels' tests).
+#[inline(always)]
+pub(crate) fn div_by_const(x: f32, inv: f64) -> f32 {
+    (x as f64 * inv) as f32
+}
+
 /// Elements per parallel task: big enough that scheduling is free.
 const TASK: usize = 1 << 16;
 
@@ -57,6 +72,7 @@ fn step_chunk<T: Elem>(p: &mut [T], g: &[T], m: &mut [f32], v: &mut [f32], h: &A
     // torch.lerp picks its formula from the weight; the choice is uniform
     // over the tensor, so it is hoisted out of the loop.
     let (coeff, from_m) = if small { (h.lerp_weight, true) } else { (h.lerp_weight - 1.0, false) };
+    let inv_bc2 = 1.0 / h.bc2_sqrt as f64;
     for i in 0..n {
         // Negation is exact, so maximize costs nothing in accuracy.
         let gi = g[i].to_f32() * sign;
@@ -64,7 +80,7 @@ fn step_chunk<T: Elem>(p: &mut [T], g: &[T], m: &mut [f32], v: &mut [f32], h: &A
         let base = if from_m { mi } else { gi };
         let m1 = coeff.mul_add(gi - mi, base);
         let v1 = (h.one_minus_beta2 * gi).mul_add(gi, v[i] * h.beta2);
-        let d = v1.sqrt() / h.bc2_sqrt + h.eps;
+        let d = div_by_const(v1.sqrt(), inv_bc2) + h.eps;
         let p1 = p[i].to_f32() * h.decay;
         p[i] = T::from_f32(p1 + (h.step_size * m1) / d);
         m[i] = m1;
@@ -251,6 +267,30 @@ mod tests {
         assert_eq!(v1, v2);
         for i in 0..n {
             assert_eq!(p[i], Bf16::from_f32(p32[i]));
+        }
+    }
+
+    #[test]
+    fn division_by_a_constant_through_float64_is_exact() {
+        let mut constants: Vec<f32> = vec![1.0, 0.5, 0.75, 1.0 / 3.0, f32::MIN_POSITIVE, 3e-5];
+        for b2 in [0.999f64, 0.99, 0.95, 0.9999, 0.5] {
+            for step in [1, 2, 3, 10, 100, 1000, 100_000] {
+                constants.push((1.0 - b2.powi(step)).sqrt() as f32);
+            }
+        }
+        for &c in &constants {
+            let inv = 1.0 / c as f64;
+            // Every 997th float32 from the smallest subnormal up to 2^64.
+            let mut bits = 1u32;
+            while bits < 0x5f80_0000 {
+                let x = f32::from_bits(bits);
+                assert_eq!(div_by_const(x, inv).to_bits(), (x / c).to_bits(), "{x:e} / {c:e}");
+                bits += 997;
+            }
+            for x in [0.0f32, -0.0, f32::INFINITY, f32::MAX, 1.0, c] {
+                assert_eq!(div_by_const(x, inv).to_bits(), (x / c).to_bits(), "{x:e} / {c:e}");
+            }
+            assert!(div_by_const(f32::NAN, inv).is_nan());
         }
     }
 

@@ -231,6 +231,7 @@ fn update_block<T: Elem>(p: &mut [T], g: &[T], m: &mut [f32], v: &mut [f32], h: 
     let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
     let sign = if h.maximize { -1.0f32 } else { 1.0 };
     let (mut max_m, mut max_v) = (0u32, 0u32);
+    let inv_bc2 = 1.0 / h.bc2_sqrt as f64;
     for i in 0..n {
         let gi = g[i].to_f32() * sign;
         let m1 = gi.mul_add(h.one_minus_beta1, m[i] * h.beta1);
@@ -238,7 +239,7 @@ fn update_block<T: Elem>(p: &mut [T], g: &[T], m: &mut [f32], v: &mut [f32], h: 
         // A NaN or infinite gradient makes m1 non-finite; an overflowing
         // square makes v1 infinite. Either way the element starts afresh.
         let ok = m1.is_finite() & v1.is_finite();
-        let d = v1.sqrt() / h.bc2_sqrt + h.eps;
+        let d = crate::adamw::div_by_const(v1.sqrt(), inv_bc2) + h.eps;
         let pi = p[i].to_f32();
         let p1 = pi * h.decay + (h.step_size * m1) / d;
         p[i] = T::from_f32(if ok { p1 } else { pi });
