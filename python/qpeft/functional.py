@@ -994,7 +994,10 @@ def adamw_step(
     Reads ``param``, ``grad`` and the float32 moments once and writes
     ``param`` and the moments once, on ``torch.get_num_threads()`` threads,
     following ``torch.optim.AdamW``'s default (foreach) CPU arithmetic
-    operation by operation, so the results agree with it to the bit::
+    operation by operation. The moments agree with it to the bit; the
+    parameters too, except where torch's ``sqrt`` (MKL's, not always
+    correctly rounded) is one ulp off. ``torch.optim.AdamW(fused=True)``
+    rounds like qpeft (bit-identical on its 16-element vectors)::
 
         param    *= 1 - lr * weight_decay
         exp_avg    = lerp(exp_avg, grad, 1 - beta1)

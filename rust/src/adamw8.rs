@@ -26,6 +26,15 @@
 //! per cell, so one comparison finishes the search. It is exact against the
 //! binary search of [`Code8::encode`].
 //!
+//! SIMD: AVX-512 and AVX2 read the table with 32-bit gathers (16 or 8
+//! lanes); AVX-512 VBMI dequantizes 64 codes at a time with byte shuffles;
+//! the scalar pieces are the reference the SIMD ones are tested against.
+//! The float32 update vectorizes as written. The step costs about the same
+//! divide and square root per element as the 32-bit kernel, plus the
+//! encoding; on a 2-core AVX-512 machine it runs at about 1.3x the time of
+//! torch's fused 32-bit AdamW (bench/optim.py) while moving 16 instead of
+//! 28 bytes per element.
+//!
 //! The kernel takes slices that start on a block boundary, so a paged
 //! optimizer can call it on any run of whole blocks.
 
