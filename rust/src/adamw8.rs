@@ -125,6 +125,7 @@ pub struct FastCode {
     lut: Box<[u32]>,
     /// planes[j][c] = byte j of values[c]: four 256-byte tables that byte
     /// shuffles (AVX-512 VBMI) can index 64 codes at a time.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     planes: [[u8; 256]; 4],
 }
 
@@ -485,7 +486,9 @@ fn has_vbmi() -> bool {
 
 /// Which block pieces [`step_blocks`] uses.
 const SCALAR: u8 = 0;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const AVX2: u8 = 1;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const AVX512: u8 = 2;
 
 /// One chunk of whole blocks (the last may be partial).
