@@ -27,7 +27,7 @@ from .functional import (
 from .autograd import matmul_4bit
 from .nn import Linear4bit, dequantize_model, quantize_model
 from .checkpoint import load_quantized, save_quantized
-from . import tuners
+from . import optim, tuners
 from .tuners import LoraConfig, PeftModel, get_peft_model
 
 __version__ = "0.1.0"

@@ -50,6 +50,9 @@ __all__ = [
     "quantize_blockwise",
     "dequantize_blockwise",
     "cpu_isa",
+    "OPTIM_BLOCKSIZE",
+    "adamw_step",
+    "adamw8bit_step",
 ]
 
 #: Block sizes accepted for 4-bit quantization (as bitsandbytes >= 0.50).
@@ -916,3 +919,208 @@ def _dense_scratch(weight: torch.Tensor, quant_state, dtype: torch.dtype, requir
     if packed.numel() != (numel + 1) // 2:
         raise ValueError(f"packed data has {packed.numel()} bytes, but shape {list(shape)} needs {(numel + 1) // 2}")
     return _dequantize_4bit_into(packed, quant_state, out)
+
+
+# -------------------------------------------------------------- optimizers
+#
+# One fused AdamW step per parameter tensor. The scalars are computed here in
+# float64 exactly as the reference implementation computes them (torch's
+# foreach AdamW for 32-bit state, bitsandbytes' CPU AdamW8bit for 8-bit
+# state) and rounded once to float32 by the kernel call.
+
+#: Elements per block of 8-bit optimizer state (one float32 absmax per block each for m and v).
+OPTIM_BLOCKSIZE = 256
+
+_OPTIM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+
+def _optim_device(name: str, t: torch.Tensor) -> None:
+    """The backend dispatch point of the optimizer steps: CPU runs in Rust; CUDA plugs in here."""
+    if t.device.type == "cuda":
+        raise NotImplementedError(
+            f"{name} is on {t.device}: qpeft's fused AdamW has CPU kernels only so far (the CUDA kernels "
+            f"come later); keep the parameters on the CPU or use torch.optim.AdamW(fused=True) on the GPU"
+        )
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} is on {t.device}; qpeft's fused AdamW runs on CPU tensors only")
+
+
+def _optim_param(p: Any, grad: Any) -> tuple[str, torch.Tensor]:
+    """Check a parameter and its gradient; returns the dtype name and a contiguous gradient."""
+    _check_tensor("param", p)
+    _check_tensor("grad", grad)
+    _optim_device("param", p)
+    if grad.is_sparse or grad.layout != torch.strided:
+        raise TypeError("sparse gradients are not supported by qpeft's AdamW; use torch.optim.SparseAdam")
+    _optim_device("grad", grad)
+    dtype = _OPTIM_DTYPES.get(p.dtype)
+    if dtype is None:
+        raise TypeError(
+            f"param has dtype {p.dtype}; qpeft's AdamW updates float32 and bfloat16 parameters "
+            f"(convert the model with .float() or .bfloat16())"
+        )
+    if grad.dtype != p.dtype:
+        raise TypeError(f"grad has dtype {grad.dtype} but param has {p.dtype}; they must match")
+    if grad.shape != p.shape:
+        raise ValueError(f"grad has shape {tuple(grad.shape)} but param has {tuple(p.shape)}")
+    if not p.is_contiguous():
+        raise ValueError("param must be contiguous (it is updated in place); call .data = p.data.contiguous() first")
+    return dtype, grad if grad.is_contiguous() else grad.contiguous()
+
+
+def _optim_state(name: str, t: Any, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    _check_tensor(name, t)
+    _optim_device(name, t)
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.numel() != numel:
+        raise ValueError(f"{name} has {t.numel()} elements, expected {numel}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (it is updated in place)")
+    return t
+
+
+def _optim_scalars(step: Any, lr: Any, beta1: Any, beta2: Any, eps: Any, weight_decay: Any) -> tuple[float, ...]:
+    step, lr, beta1, beta2, eps, weight_decay = (
+        float(x) if torch.is_tensor(x) else x for x in (step, lr, beta1, beta2, eps, weight_decay)
+    )
+    for name, x in (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay)):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            raise TypeError(f"{name} must be a finite number, got {x!r}")
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or step < 1 or step != int(step):
+        raise ValueError(f"step must be a whole number >= 1 (the count including this step), got {step!r}")
+    if lr < 0 or eps < 0 or weight_decay < 0:
+        raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {b}")
+    return float(step), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay)
+
+
+def adamw_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> None:
+    """One fused AdamW step (decoupled weight decay) on ``param`` in place.
+
+    Reads ``param``, ``grad`` and the float32 moments once and writes
+    ``param`` and the moments once, on ``torch.get_num_threads()`` threads,
+    following ``torch.optim.AdamW``'s default (foreach) CPU arithmetic
+    operation by operation. The moments agree with it to the bit; the
+    parameters too, except where torch's ``sqrt`` (MKL's, not always
+    correctly rounded) is one ulp off. ``torch.optim.AdamW(fused=True)``
+    rounds like qpeft (bit-identical on its 16-element vectors)::
+
+        param    *= 1 - lr * weight_decay
+        exp_avg    = lerp(exp_avg, grad, 1 - beta1)
+        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad**2
+        param     -= lr / (1 - beta1**step) * exp_avg / (sqrt(exp_avg_sq / (1 - beta2**step)) + eps)
+
+    Args:
+        param: float32 or bfloat16 contiguous CPU tensor (bfloat16 is updated
+            in float32 and rounded to nearest even once).
+        grad: its gradient, same dtype and shape (dense).
+        exp_avg, exp_avg_sq: contiguous float32 tensors with ``param.numel()`` elements.
+        step: the step count including this one (1 on the first step).
+        maximize: ascend the objective (the gradient is negated).
+    """
+    dtype, g = _optim_param(param, grad)
+    n = param.numel()
+    _optim_state("exp_avg", exp_avg, torch.float32, n)
+    _optim_state("exp_avg_sq", exp_avg_sq, torch.float32, n)
+    step, lr, beta1, beta2, eps, weight_decay = _optim_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
+    _native.adamw_step(
+        _flat_view(param),
+        _flat_view(g),
+        _flat_view(exp_avg),
+        _flat_view(exp_avg_sq),
+        dtype,
+        decay=1 - lr * weight_decay,
+        lerp_weight=1 - beta1,
+        beta2=beta2,
+        one_minus_beta2=1 - beta2,
+        bc2_sqrt=bc2**0.5,
+        eps=eps,
+        step_size=(lr / bc1) * -1,
+        maximize=bool(maximize),
+        threads=_threads(),
+    )
+
+
+def adamw8bit_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state1: torch.Tensor,
+    state2: torch.Tensor,
+    absmax1: torch.Tensor,
+    absmax2: torch.Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    maximize: bool = False,
+) -> None:
+    """One fused AdamW step with blockwise 8-bit moments (bitsandbytes' layout).
+
+    ``state1`` holds m as uint8 codes of the signed dynamic map and
+    ``state2`` v on the unsigned map, one code per element; ``absmax1`` and
+    ``absmax2`` hold one float32 scale per block of :data:`OPTIM_BLOCKSIZE`
+    elements. Per block the moments are dequantized, updated as
+    bitsandbytes' CPU ``AdamW8bit`` updates them, ``param`` is updated, and
+    the moments are re-quantized with the block's new absmax (nearest code,
+    ties to the even index). Two rules go beyond bitsandbytes' CPU path (they
+    follow its CUDA kernel and the format notes): a negative m never takes
+    the code of 0 (it keeps its sign), and an element whose gradient is NaN
+    or infinite (or whose squared gradient overflows) gets zero moments and
+    keeps its parameter value, where bitsandbytes' CPU path would write NaN
+    into the whole block.
+
+    Args:
+        param: float32 or bfloat16 contiguous CPU tensor.
+        grad: its dense gradient, same dtype and shape.
+        state1, state2: contiguous uint8 tensors with ``param.numel()`` elements.
+        absmax1, absmax2: contiguous float32 tensors with ``ceil(numel / 256)`` elements.
+        step: the step count including this one (1 on the first step).
+    """
+    dtype, g = _optim_param(param, grad)
+    n = param.numel()
+    blocks = -(-n // OPTIM_BLOCKSIZE)
+    for name, t in (("state1", state1), ("state2", state2)):
+        _optim_state(name, t, torch.uint8, n)
+    for name, t in (("absmax1", absmax1), ("absmax2", absmax2)):
+        _optim_state(name, t, torch.float32, blocks)
+    step, lr, beta1, beta2, eps, weight_decay = _optim_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    _native.adamw8_step(
+        _flat_view(param),
+        _flat_view(g),
+        _flat_view(state1),
+        _flat_view(state2),
+        _flat_view(absmax1),
+        _flat_view(absmax2),
+        dtype,
+        beta1=beta1,
+        one_minus_beta1=1.0 - beta1,
+        beta2=beta2,
+        one_minus_beta2=1.0 - beta2,
+        bc2_sqrt=math.sqrt(1.0 - beta2**step),
+        eps=eps,
+        decay=1.0 - lr * weight_decay,
+        step_size=-lr / (1.0 - beta1**step),
+        maximize=bool(maximize),
+        threads=_threads(),
+    )

@@ -6,6 +6,8 @@
 //! any panic) to a Python exception. Python validates user input first
 //! (python/qpeft/functional.py); the checks here only guard memory.
 
+pub mod adamw;
+pub mod adamw8;
 pub mod blockwise8;
 pub mod codebook;
 pub mod cpu;
@@ -382,6 +384,110 @@ mod bindings {
         }
     }
 
+    /// p and g of an optimizer step: float32, or bfloat16 as int16 bits.
+    enum Param<'py> {
+        F32(PyReadwriteArray1<'py, f32>, PyReadonlyArray1<'py, f32>),
+        Bf16(PyReadwriteArray1<'py, i16>, PyReadonlyArray1<'py, i16>),
+    }
+
+    fn param<'py>(p: &Bound<'py, PyAny>, g: &Bound<'py, PyAny>, dtype: &str) -> PyResult<Param<'py>> {
+        match dtype {
+            "float32" => Ok(Param::F32(p.extract()?, g.extract()?)),
+            "bfloat16" => Ok(Param::Bf16(p.extract()?, g.extract()?)),
+            other => Err(PyTypeError::new_err(format!(
+                "optimizer parameters must be float32 or bfloat16, got {other}"
+            ))),
+        }
+    }
+
+    /// Calls `$body` with `$p`, `$g` bound to the parameter and gradient slices.
+    macro_rules! with_param {
+        ($prm:expr, $p:ident, $g:ident => $body:expr) => {
+            match &mut $prm {
+                Param::F32(a, b) => {
+                    let $p: &mut [f32] = slice_mut(a, "parameter")?;
+                    let $g: &[f32] = slice(b, "gradient")?;
+                    $body
+                }
+                Param::Bf16(a, b) => {
+                    let $p: &mut [Bf16] = as_elems_mut(slice_mut(a, "parameter")?);
+                    let $g: &[Bf16] = as_elems(slice(b, "gradient")?);
+                    $body
+                }
+            }
+        };
+    }
+
+    /// One fused AdamW step with float32 state (rust/src/adamw.rs); the
+    /// scalars are torch's, computed in Python.
+    #[pyfunction]
+    #[pyo3(signature = (p, g, m, v, dtype, decay, lerp_weight, beta2, one_minus_beta2, bc2_sqrt, eps,
+                        step_size, maximize, threads, isa=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_step(
+        py: Python<'_>,
+        p: &Bound<'_, PyAny>,
+        g: &Bound<'_, PyAny>,
+        mut m: PyReadwriteArray1<'_, f32>,
+        mut v: PyReadwriteArray1<'_, f32>,
+        dtype: &str,
+        decay: f32,
+        lerp_weight: f32,
+        beta2: f32,
+        one_minus_beta2: f32,
+        bc2_sqrt: f32,
+        eps: f32,
+        step_size: f32,
+        maximize: bool,
+        threads: usize,
+        isa: Option<&str>,
+    ) -> PyResult<()> {
+        use crate::adamw::{self, AdamW32};
+        let isa = parse_isa(isa)?;
+        let h = AdamW32 { decay, lerp_weight, beta2, one_minus_beta2, bc2_sqrt, eps, step_size, maximize };
+        let m = slice_mut(&mut m, "exp_avg")?;
+        let v = slice_mut(&mut v, "exp_avg_sq")?;
+        let mut prm = param(p, g, dtype)?;
+        with_param!(prm, ps, gs => run(py, || adamw::adamw_step_isa(isa, ps, gs, m, v, &h, threads)))
+    }
+
+    /// One fused AdamW step with blockwise 8-bit state (rust/src/adamw8.rs).
+    #[pyfunction]
+    #[pyo3(signature = (p, g, qm, qv, absmax_m, absmax_v, dtype, beta1, one_minus_beta1, beta2,
+                        one_minus_beta2, bc2_sqrt, eps, decay, step_size, maximize, threads, isa=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn adamw8_step(
+        py: Python<'_>,
+        p: &Bound<'_, PyAny>,
+        g: &Bound<'_, PyAny>,
+        mut qm: PyReadwriteArray1<'_, u8>,
+        mut qv: PyReadwriteArray1<'_, u8>,
+        mut absmax_m: PyReadwriteArray1<'_, f32>,
+        mut absmax_v: PyReadwriteArray1<'_, f32>,
+        dtype: &str,
+        beta1: f32,
+        one_minus_beta1: f32,
+        beta2: f32,
+        one_minus_beta2: f32,
+        bc2_sqrt: f32,
+        eps: f32,
+        decay: f32,
+        step_size: f32,
+        maximize: bool,
+        threads: usize,
+        isa: Option<&str>,
+    ) -> PyResult<()> {
+        use crate::adamw8::{self, AdamW8};
+        let isa = parse_isa(isa)?;
+        let h = AdamW8 { beta1, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, decay, step_size, maximize };
+        let qm = slice_mut(&mut qm, "state1")?;
+        let qv = slice_mut(&mut qv, "state2")?;
+        let am = slice_mut(&mut absmax_m, "absmax1")?;
+        let av = slice_mut(&mut absmax_v, "absmax2")?;
+        let mut prm = param(p, g, dtype)?;
+        with_param!(prm, ps, gs => run(py, || adamw8::adamw8_step_isa(isa, ps, gs, qm, qv, am, av, &h, threads)))
+    }
+
     #[pymodule]
     #[pyo3(name = "_native")]
     fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -393,6 +499,8 @@ mod bindings {
         m.add_function(wrap_pyfunction!(quantize_blockwise, m)?)?;
         m.add_function(wrap_pyfunction!(dequantize_blockwise, m)?)?;
         m.add_function(wrap_pyfunction!(gemv_4bit, m)?)?;
+        m.add_function(wrap_pyfunction!(adamw_step, m)?)?;
+        m.add_function(wrap_pyfunction!(adamw8_step, m)?)?;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         Ok(())
     }
