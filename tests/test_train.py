@@ -186,6 +186,22 @@ def test_cli_train_with_a_config_file(tok, tmp_path, capsys):
     assert "exact match" in capsys.readouterr().out
     assert main(["generate", "--adapter", str(tmp_path), "--prompt", "x"]) == 1
 
+    # Merged exactly into a dense model: same logits as base + adapter.
+    from qpeft import load_quantized
+    from qpeft.train.inference import load_adapter_model
+
+    assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "dense")]) == 0
+    assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "q4"), "--requantize"]) == 0
+    assert "re-quantization added relative error" in capsys.readouterr().out
+    assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "dense")]) == 1  # not empty
+    ids = torch.randint(0, len(tok), (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = load_adapter_model(str(adapter))[0](ids).logits
+        dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")(ids).logits
+        q4 = load_quantized(tmp_path / "q4")[0](ids).logits
+    torch.testing.assert_close(dense, ref, rtol=1e-4, atol=1e-4)
+    assert ((q4 - ref).norm() / ref.norm()).item() < 0.2
+
 
 def test_curve_png(tmp_path):
     p = write_curve_png(tmp_path / "c.png", [1, 2, 3], {"loss": [3.0, float("nan"), 1.0]})

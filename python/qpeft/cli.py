@@ -95,10 +95,11 @@ def _add_train(subparsers: Any) -> None:
 
 
 def _add_inference(subparsers: Any) -> None:
-    from .train.cli import add_eval_parser, add_generate_parser
+    from .train.cli import add_eval_parser, add_generate_parser, add_merge_parser
 
     add_generate_parser(subparsers)
     add_eval_parser(subparsers)
+    add_merge_parser(subparsers)
 
 
 _SUBCOMMANDS: list[Callable[[Any], None]] = [_add_train, _add_inference, _add_quantize]

@@ -12,7 +12,7 @@ from typing import Any
 
 from .config import METHODS, OPTIMIZERS, TrainConfig
 
-__all__ = ["add_train_parser", "add_generate_parser", "add_eval_parser"]
+__all__ = ["add_train_parser", "add_generate_parser", "add_eval_parser", "add_merge_parser"]
 
 _CHOICES = {"method": METHODS, "optimizer": OPTIMIZERS, "compute_dtype": ("auto", "bfloat16", "float32"),
             "template": ("course", "alpaca", "chat"),
@@ -194,4 +194,53 @@ def run_eval(args: argparse.Namespace) -> int:
     print_eval(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def add_merge_parser(subparsers: Any) -> None:
+    """Register ``qpeft merge``."""
+    p = subparsers.add_parser(
+        "merge", help="merge an adapter into its base model and save the result",
+        description="Merge an adapter into the base weights. By default the merged model is saved dense "
+                    "(bfloat16 or float32, exact: W = dequant(W0) + scale * B A) with save_pretrained. With "
+                    "--requantize, 4-bit layers are re-quantized to NF4 and saved in bitsandbytes' format, and "
+                    "the error each layer gained is reported.")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to save the merged model")
+    p.add_argument("--model", metavar="PATH", help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--method", choices=METHODS, help="qlora: 4-bit base (default: as trained)")
+    p.add_argument("--compute-dtype", choices=("auto", "bfloat16", "float32"), help="default: as trained")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32",
+                   help="dtype of merged dense layers (default: float32)")
+    p.add_argument("--requantize", action="store_true", help="re-quantize merged 4-bit layers instead of densifying")
+    p.add_argument("--threads", type=int, help="CPU threads")
+    p.set_defaults(func=run_merge, template=None, max_new_tokens=1)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint import save_quantized
+    from ..nn import Linear4bit
+    from .._files import staged_dir
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty; choose a new folder for the merged model")
+    model, tok, _ = _load(args)
+    has_4bit = any(isinstance(m, Linear4bit) for m in model.modules())
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    merged = model.merge_and_unload(dense=None if not has_4bit else not args.requantize, dtype=dtype)
+    errors = getattr(model, "merge_errors", None) or {}
+    if has_4bit and args.requantize:
+        save_quantized(merged, out, tokenizer=tok)
+    else:
+        with staged_dir(out) as tmp:
+            merged.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    print(f"merged model saved to {out}")
+    if errors:
+        worst = max(errors, key=errors.get)
+        mean = sum(errors.values()) / len(errors)
+        print(f"re-quantization added relative error: mean {mean:.2e}, worst {errors[worst]:.2e} ({worst})")
     return 0
