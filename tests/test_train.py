@@ -174,6 +174,10 @@ def test_cli_train_with_a_config_file(tok, tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["lora_r"] == 4
     assert main(["train", "--method", "full"]) != 0
 
+    assert main(["plan", "--config", str(conf), "--model", str(folder), "--lora-r", "4"]) == 0
+    planned = capsys.readouterr().out
+    assert "planned peak resident memory" in planned and "adapter (fp32)" in planned
+
     # The adapter remembers its base model, method and template.
     adapter = tmp_path / "out" / "adapter"
     info = json.loads((adapter / "qpeft.json").read_text())

@@ -89,9 +89,10 @@ def _add_quantize(subparsers: Any) -> None:
 
 
 def _add_train(subparsers: Any) -> None:
-    from .train.cli import add_train_parser, run_train
+    from .train.cli import add_plan_parser, add_train_parser, run_train
 
     add_train_parser(subparsers, run_train)
+    add_plan_parser(subparsers)
 
 
 def _add_inference(subparsers: Any) -> None:
@@ -120,6 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     _setup_logging()
     try:
+        _quiet_transformers()
         return args.func(args)
     except (UsageError, ValueError, OSError, ImportError) as e:
         if os.environ.get("QPEFT_DEBUG"):

@@ -12,7 +12,7 @@ from typing import Any
 
 from .config import METHODS, OPTIMIZERS, TrainConfig
 
-__all__ = ["add_train_parser", "add_generate_parser", "add_eval_parser", "add_merge_parser"]
+__all__ = ["add_train_parser", "add_generate_parser", "add_eval_parser", "add_merge_parser", "add_plan_parser"]
 
 _CHOICES = {"method": METHODS, "optimizer": OPTIMIZERS, "compute_dtype": ("auto", "bfloat16", "float32"),
             "template": ("course", "alpaca", "chat"),
@@ -53,19 +53,8 @@ def _scalar_type(default: Any, annotation: Any):
     return str
 
 
-def add_train_parser(subparsers: Any, run) -> None:
-    """Register ``qpeft train``; ``run(args)`` executes it."""
-    p = subparsers.add_parser(
-        "train",
-        help="fine-tune an adapter (default: QLoRA on SmolLM2 with a generated instruction set)",
-        description=(
-            "Fine-tune a LoRA adapter on instruction data. With no arguments: QLoRA-train SmolLM2-135M-Instruct "
-            "on a generated instruction set, report held-out exact-match accuracy before and after, and save "
-            "the adapter, metrics and loss curve under runs/default. Settings come from the defaults, then "
-            "--config, then the flags."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """--config and one flag per TrainConfig field."""
     p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="JSON or YAML file of settings")
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
@@ -82,6 +71,22 @@ def add_train_parser(subparsers: Any, run) -> None:
             p.add_argument(flag, type=_scalar_type(default, hints[f.name]), choices=_CHOICES.get(f.name),
                            default=argparse.SUPPRESS, metavar=None if f.name in _CHOICES else f.name.upper(),
                            help=f"{help_text} (default: {default})")
+
+
+def add_train_parser(subparsers: Any, run) -> None:
+    """Register ``qpeft train``; ``run(args)`` executes it."""
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune an adapter (default: QLoRA on SmolLM2 with a generated instruction set)",
+        description=(
+            "Fine-tune a LoRA adapter on instruction data. With no arguments: QLoRA-train SmolLM2-135M-Instruct "
+            "on a generated instruction set, report held-out exact-match accuracy before and after, and save "
+            "the adapter, metrics and loss curve under runs/default. Settings come from the defaults, then "
+            "--config, then the flags."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_config_flags(p)
     p.set_defaults(func=run)
 
 
@@ -243,4 +248,40 @@ def run_merge(args: argparse.Namespace) -> int:
         worst = max(errors, key=errors.get)
         mean = sum(errors.values()) / len(errors)
         print(f"re-quantization added relative error: mean {mean:.2e}, worst {errors[worst]:.2e} ({worst})")
+    return 0
+
+
+def add_plan_parser(subparsers: Any) -> None:
+    """Register ``qpeft plan``: the training flags, and a memory plan instead of a run."""
+    p = subparsers.add_parser(
+        "plan", help="plan the memory of a training run (weights, adapter, gradients, optimizer, activations)",
+        description="Print the memory a `qpeft train` run with the same settings will need: base weights, "
+                    "adapter, gradients, optimizer state, activations, logits and the process itself. Takes "
+                    "the same flags as `qpeft train`; nothing is trained.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_config_flags(p)
+    p.set_defaults(func=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from .plan import plan_memory
+
+    cfg = config_from_args(args)
+    # The data's longest example (the first 2,000), without loading the model's weights.
+    from .. import data as D
+    from .plan import tokenizer_for
+
+    tok = tokenizer_for(cfg.model)
+    if cfg.data:
+        recs = list(D.read_records(cfg.data, cfg.format, skip_bad=cfg.skip_bad, limit=2000))
+    else:
+        train, _ = D.make_splits(cfg.n_train, cfg.n_eval, seed=cfg.seed)
+        recs = [D.parse_record(r) for r in train[:2000]]
+    encoded = D.encode_all(recs, tok, cfg.template, cfg.max_length)
+    longest = max((len(e) for e in encoded), default=cfg.max_length)
+    if cfg.packing:
+        longest = cfg.max_length
+    plan = plan_memory(cfg, longest)
+    print(plan.table())
     return 0

@@ -63,7 +63,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     target_modules: Any = "all-linear"
     optimizer: str = "adamw"
     eval_every: int = 0

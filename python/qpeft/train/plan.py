@@ -1,0 +1,178 @@
+"""Memory plan of a training run, before it starts: weights, adapter, gradients, optimizer state,
+activations, logits, and the process's own footprint.
+
+The model is described by its ``config.json`` alone (no weights are loaded).
+Counted for Llama-style decoders (Llama, SmolLM2, Qwen2, Mistral): an
+embedding, per layer q/k/v/o and gate/up/down projections and two norms, a
+final norm and a head (tied or not). The figures are estimates; the trainer
+records the measured peak next to them (``summary.json``), and the plan
+states the assumptions it makes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import TrainConfig
+
+__all__ = ["MemoryPlan", "plan_memory", "model_shapes", "tokenizer_for"]
+
+_BITS_4BIT = 4.127  # NF4, blocks of 64, double-quantized scales
+_GB = 2**30
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per component; ``peak`` is the largest of the load and training phases plus the process baseline."""
+
+    items: dict[str, float] = field(default_factory=dict)
+    load_peak: float = 0.0
+    train_peak: float = 0.0
+    baseline: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> float:
+        return self.baseline + max(self.load_peak, self.train_peak)
+
+    def table(self) -> str:
+        rows = [f"{k:<34} {v / _GB:8.3f} GB" for k, v in self.items.items()]
+        rows += [
+            f"{'process baseline (torch, transformers)':<34} {self.baseline / _GB:8.3f} GB",
+            f"{'peak while loading and quantizing':<34} {self.load_peak / _GB:8.3f} GB (+ baseline)",
+            f"{'peak while training':<34} {self.train_peak / _GB:8.3f} GB (+ baseline)",
+            f"{'planned peak resident memory':<34} {self.peak / _GB:8.3f} GB",
+        ]
+        return "\n".join(rows + [f"note: {n}" for n in self.notes])
+
+
+def model_shapes(config: dict[str, Any]) -> dict[str, Any]:
+    """Parameter counts of a Llama-style decoder from its config."""
+    h = int(config["hidden_size"])
+    inter = int(config["intermediate_size"])
+    layers = int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or h // heads)
+    vocab = int(config["vocab_size"])
+    tied = bool(config.get("tie_word_embeddings", False))
+    q, kvp = heads * head_dim, kv * head_dim
+    linear_shapes = [(q, h), (kvp, h), (kvp, h), (h, q), (inter, h), (inter, h), (h, inter)]
+    per_layer_linear = sum(o * i for o, i in linear_shapes)
+    return {
+        "hidden": h, "intermediate": inter, "layers": layers, "vocab": vocab, "tied": tied, "q": q, "kv": kvp,
+        "linear_shapes": linear_shapes,
+        "linear_params": per_layer_linear * layers,
+        "embed_params": vocab * h,
+        "head_params": 0 if tied else vocab * h,
+        "norm_params": (2 * layers + 1) * h,
+    }
+
+
+def _config_of(model: Optional[str]) -> tuple[dict[str, Any], Optional[Path]]:
+    from .. import hf
+
+    if model is None:
+        gguf = hf.default_model_path()
+        folder = hf.cache_root() / gguf.stem
+        if not (folder / "config.json").is_file():
+            hf.load_model(gguf)  # converts once; later runs read the cache
+        return json.loads((folder / "config.json").read_text()), folder / "model.safetensors"
+    path = Path(model)
+    if path.suffix == ".gguf":
+        folder = hf.cache_root() / path.stem
+        if not (folder / "config.json").is_file():
+            hf.load_model(path)
+        path = folder
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{path} has no config.json; give a model folder or a .gguf file")
+    weights = path / "model.safetensors"
+    return json.loads(cfg.read_text()), weights if weights.is_file() else None
+
+
+def tokenizer_for(model: Optional[str]) -> Any:
+    """The tokenizer of a model folder (or of the default model), without its weights."""
+    import transformers
+
+    _, weights = _config_of(model)
+    folder = weights.parent if weights is not None else Path(model)  # type: ignore[arg-type]
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def _rss() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0.0
+
+
+def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
+                baseline: Optional[float] = None) -> MemoryPlan:
+    """Plan the peak resident memory of ``SFTTrainer(cfg).train()``.
+
+    ``tokens_per_example``: the longest micro-batch's sequence length (default:
+    ``cfg.max_length``; the trainer passes the data's own). ``baseline``: the
+    process's memory before the model loads (default: this process's, after
+    importing torch and transformers).
+    """
+    from .trainer import resolve_compute_dtype
+
+    import transformers  # noqa: F401  (part of the baseline)
+    import torch
+
+    model_cfg, weights_file = _config_of(cfg.model)
+    s = model_shapes(model_cfg)
+    dtype = resolve_compute_dtype(cfg.compute_dtype)
+    wbytes = torch.finfo(dtype).bits // 8
+    h, inter, layers, vocab = s["hidden"], s["intermediate"], s["layers"], s["vocab"]
+    plan = MemoryPlan(baseline=_rss() if baseline is None else baseline)
+    seq = float(tokens_per_example or cfg.max_length)
+    tokens = cfg.batch_size * seq
+
+    dense_all = (s["linear_params"] + s["embed_params"] + s["head_params"] + s["norm_params"]) * wbytes
+    other = (s["embed_params"] + s["head_params"] + s["norm_params"]) * wbytes
+    if cfg.method == "qlora":
+        linear = s["linear_params"] * _BITS_4BIT / 8
+        plan.items["base linears (NF4)"] = linear
+    else:
+        linear = s["linear_params"] * wbytes
+        plan.items[f"base linears ({dtype})".replace("torch.", "")] = linear
+    plan.items["embeddings, norms, head"] = other
+    r = cfg.lora_r
+    adapter = layers * sum(r * (o + i) for o, i in s["linear_shapes"]) * 4.0
+    plan.items["adapter (fp32)"] = adapter
+    plan.items["adapter gradients"] = adapter
+    state = {"adamw": 8.0, "torch": 8.0, "adamw8bit": 2.03125}[cfg.optimizer] / 4.0 * adapter
+    plan.items[f"optimizer state ({cfg.optimizer})"] = state
+    # Saved for backward per layer and token: the inputs of the adapted
+    # projections (attention input, its output, MLP input, down-projection
+    # input), the low-rank products, norms, attention and MLP intermediates.
+    per_token_layer = (8 * h + 5 * inter) * wbytes + 7 * r * 4
+    if cfg.gradient_checkpointing:
+        per_token_layer = h * wbytes * 2
+    activations = tokens * layers * per_token_layer
+    plan.items["activations saved for backward"] = activations
+    # Logits in the compute dtype, then float32 for the loss, its softmax and the gradient.
+    logits = tokens * vocab * (wbytes + 3 * 4)
+    plan.items["logits and loss"] = logits
+    # One dense weight being dequantized (the largest projection) as scratch.
+    scratch = max(o * i for o, i in s["linear_shapes"]) * wbytes * 2
+    plan.items["dequantize scratch"] = scratch
+    mapped = weights_file.stat().st_size if weights_file is not None else 0.0
+    # Loading: the checkpoint's pages (memory-mapped) and the dense model in the
+    # compute dtype, then quantized one layer at a time.
+    plan.load_peak = mapped + dense_all + (linear if cfg.method == "qlora" else 0)
+    plan.train_peak = linear + other + adapter * 2 + state + activations + logits + scratch
+    if mapped:
+        # The mapped file stays resident until the process drops it.
+        plan.train_peak += mapped
+        plan.items["checkpoint file pages (mmap)"] = mapped
+    plan.notes.append(f"{cfg.batch_size} examples x {seq:.0f} tokens per micro-batch, {dtype} compute".replace(
+        "torch.", ""))
+    return plan
