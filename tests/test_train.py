@@ -211,3 +211,16 @@ def test_curve_png(tmp_path):
     p = write_curve_png(tmp_path / "c.png", [1, 2, 3], {"loss": [3.0, float("nan"), 1.0]})
     data = p.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" in data[-12:]
+
+
+def test_leftovers_of_a_killed_checkpoint_swap_are_tidied(tok, tmp_path):
+    SFTTrainer(_cfg(tmp_path, max_steps=2), model=_tiny(tok), tokenizer=tok, progress=lambda r: None).train()
+    run = tmp_path / "run"
+    # Killed between the two renames of a checkpoint swap, with a half-written folder beside it.
+    (run / "checkpoint").rename(run / ".checkpoint.old-123")
+    (run / ".checkpoint.tmp-abc").mkdir()
+    (run / ".checkpoint.tmp-abc" / "state.pt").write_bytes(b"partial")
+    SFTTrainer(_cfg(tmp_path, max_steps=4, resume=True), model=_tiny(tok), tokenizer=tok,
+               progress=lambda r: None).train()
+    assert len(_losses(run)) == 4
+    assert not list(run.glob(".checkpoint*"))

@@ -273,6 +273,10 @@ class SFTTrainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         before = None
+        if main:
+            self._tidy_after_crash()
+        if self.world > 1:
+            torch.distributed.barrier()
         if cfg.resume and (self.out / "checkpoint").is_dir():
             before = self._load_checkpoint()
             log.info("resumed from %s at step %d", self.out / "checkpoint", self.step)
@@ -388,6 +392,19 @@ class SFTTrainer:
         if self.rank == 0:
             path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
         self.history = [json.loads(k) for k in kept]
+
+    def _tidy_after_crash(self) -> None:
+        """Finish what a killed run left: a checkpoint swap stopped between its two
+        renames is undone (the previous checkpoint comes back), and half-written
+        temporary folders are removed."""
+        import shutil
+
+        for name in ("checkpoint", "adapter"):
+            olds = sorted(self.out.glob(f".{name}.old-*"))
+            if olds and not (self.out / name).exists():
+                os.replace(olds[-1], self.out / name)
+            for leftover in [*self.out.glob(f".{name}.old-*"), *self.out.glob(f".{name}.tmp-*")]:
+                shutil.rmtree(leftover, ignore_errors=True)
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
