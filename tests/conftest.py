@@ -34,3 +34,29 @@ def make_input(dist: str, shape, dtype, seed: int = 0) -> torch.Tensor:
     else:
         raise ValueError(dist)
     return x.to(dtype)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The default model's tokenizer (SmolLM2), read from qpeft's local cache."""
+    transformers = pytest.importorskip("transformers")
+    from qpeft import hf
+
+    try:
+        folder = hf.model_folder()
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(f"default model not installed: {e}")
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path, tok):
+    """A folder with a randomly initialised 2-layer Llama (SmolLM2's vocabulary) and the tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True)
+    folder = tmp_path / "tiny"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from qpeft import data as D
-from qpeft import hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,15 +29,6 @@ SHAREGPT = {"conversations": [
 ]}
 COMPLETION = {"prompt": "The sky is", "completion": " blue."}
 TEXT = {"text": "Plain language modelling text."}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    try:
-        folder = hf._cached_gguf(hf.default_model_path(), hf.cache_root())
-    except (ImportError, FileNotFoundError) as e:
-        pytest.skip(f"default model not installed: {e}")
-    return transformers.AutoTokenizer.from_pretrained(folder)
 
 
 def _write_jsonl(path, records, raw_lines=()):

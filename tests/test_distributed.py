@@ -11,26 +11,15 @@ import sys
 import pytest
 import torch
 
-from qpeft import hf
-
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 pytestmark = pytest.mark.slow
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, tiny_llama_dir):
     if not torch.distributed.is_available():
         pytest.skip("torch without torch.distributed")
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(hf._cached_gguf(hf.default_model_path(), hf.cache_root()))
-    except (ImportError, FileNotFoundError) as e:
-        pytest.skip(f"default model not installed: {e}")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True)
-    model_dir = tmp_path / "tiny"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = tiny_llama_dir
     conf = tmp_path / "c.json"
     # No dropout: the processes' random streams differ from the single process's.
     conf.write_text(json.dumps({

@@ -12,8 +12,6 @@ import time
 import pytest
 import torch
 
-from qpeft import hf
-
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 pytestmark = pytest.mark.slow
@@ -27,17 +25,8 @@ def _steps(run):
     return max((r["step"] for r in lines if "loss" in r), default=0)
 
 
-def test_sigkill_mid_run_then_resume(tmp_path):
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(hf._cached_gguf(hf.default_model_path(), hf.cache_root()))
-    except (ImportError, FileNotFoundError) as e:
-        pytest.skip(f"default model not installed: {e}")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True)
-    model_dir = tmp_path / "tiny"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+def test_sigkill_mid_run_then_resume(tmp_path, tiny_llama_dir):
+    model_dir = tiny_llama_dir
     conf = tmp_path / "c.json"
     conf.write_text(json.dumps({
         "model": str(model_dir), "max_steps": 16, "n_train": 64, "n_eval": 4, "eval_examples": 0, "batch_size": 4,

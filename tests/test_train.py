@@ -7,20 +7,10 @@ import json
 import pytest
 import torch
 
-from qpeft import hf
 from qpeft.train import SFTTrainer, TrainConfig, TrainingDiverged, write_curve_png
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    try:
-        folder = hf._cached_gguf(hf.default_model_path(), hf.cache_root())
-    except (ImportError, FileNotFoundError) as e:
-        pytest.skip(f"default model not installed: {e}")
-    return transformers.AutoTokenizer.from_pretrained(folder)
 
 
 def _tiny(tok, seed=0):

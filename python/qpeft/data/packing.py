@@ -17,7 +17,7 @@ import torch
 
 from .encode import IGNORE_INDEX, Encoded
 
-__all__ = ["Packed", "pack", "collate", "collate_packed"]
+__all__ = ["Packed", "pack", "collate", "collate_packed", "pad_token_id"]
 
 
 @dataclass
@@ -53,6 +53,14 @@ def pack(examples: Iterable[Encoded], max_length: int) -> list[Packed]:
     if cur.lengths:
         rows.append(cur)
     return rows
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS (which many causal LMs lack a pad for)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+    return pad
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int, length: int) -> torch.Tensor:

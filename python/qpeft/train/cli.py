@@ -127,13 +127,18 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", metavar="DIR", help="adapter folder (e.g. runs/default/adapter); none: the base model")
+def _add_model_args(p: argparse.ArgumentParser, generation: bool = True) -> None:
+    """The flags that rebuild base model + adapter (and, for generating commands, the prompt settings)."""
+    if generation:
+        p.add_argument("--adapter", metavar="DIR", help="adapter folder (e.g. runs/default/adapter); none: the base model")
+    else:
+        p.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder")
     p.add_argument("--model", metavar="PATH", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--method", choices=METHODS, help="qlora: 4-bit base (default: as trained)")
     p.add_argument("--compute-dtype", choices=("auto", "bfloat16", "float32"), help="default: as trained")
-    p.add_argument("--template", choices=("course", "alpaca", "chat"), help="default: as trained")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per answer (default: 128)")
+    if generation:
+        p.add_argument("--template", choices=("course", "alpaca", "chat"), help="default: as trained")
+        p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per answer (default: 128)")
     p.add_argument("--threads", type=int, help="CPU threads")
 
 
@@ -145,7 +150,7 @@ def _load(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok, settings = load_adapter_model(args.adapter, args.model, args.method, args.compute_dtype)
-    return model, tok, args.template or settings["template"]
+    return model, tok, getattr(args, "template", None) or settings["template"]
 
 
 def add_generate_parser(subparsers: Any) -> None:
@@ -210,16 +215,12 @@ def add_merge_parser(subparsers: Any) -> None:
                     "(bfloat16 or float32, exact: W = dequant(W0) + scale * B A) with save_pretrained. With "
                     "--requantize, 4-bit layers are re-quantized to NF4 and saved in bitsandbytes' format, and "
                     "the error each layer gained is reported.")
-    p.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder")
+    _add_model_args(p, generation=False)
     p.add_argument("--out", required=True, metavar="DIR", help="where to save the merged model")
-    p.add_argument("--model", metavar="PATH", help="base model (default: the one the adapter was trained on)")
-    p.add_argument("--method", choices=METHODS, help="qlora: 4-bit base (default: as trained)")
-    p.add_argument("--compute-dtype", choices=("auto", "bfloat16", "float32"), help="default: as trained")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32",
                    help="dtype of merged dense layers (default: float32)")
     p.add_argument("--requantize", action="store_true", help="re-quantize merged 4-bit layers instead of densifying")
-    p.add_argument("--threads", type=int, help="CPU threads")
-    p.set_defaults(func=run_merge, template=None, max_new_tokens=1)
+    p.set_defaults(func=run_merge)
 
 
 def run_merge(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..data import IGNORE_INDEX, Example, collate, exact_match, prompt_text, target_text
+from ..data import IGNORE_INDEX, Example, collate, exact_match, pad_token_id, prompt_text, target_text
 from ..data.encode import Encoded
 
 __all__ = ["generate_answers", "exact_match_accuracy", "mean_loss", "token_loss_sum"]
@@ -53,7 +53,7 @@ def generate_answers(model: Any, tokenizer: Any, examples: Sequence[Example], te
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     out: list[str] = []
     try:
         for i in range(0, len(examples), batch_size):

@@ -84,7 +84,7 @@ def generate_text(model: Any, tokenizer: Any, instruction: str, input: str = "",
         from transformers import TextStreamer
 
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = D.pad_token_id(tokenizer)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
@@ -101,7 +101,7 @@ def evaluate_file(model: Any, tokenizer: Any, path: str, template: str, limit: O
     if not examples:
         raise ValueError(f"{path} has no examples with an answer to check")
     encoded = D.encode_all(examples, tokenizer, template, max_length).examples
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = D.pad_token_id(tokenizer)
     result = exact_match_accuracy(model, tokenizer, examples, template, max_new_tokens)
     result["loss"] = mean_loss(model, encoded, pad)
     result["skipped"] = records.skipped

@@ -12,7 +12,6 @@ states the assumptions it makes.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -76,22 +75,11 @@ def model_shapes(config: dict[str, Any]) -> dict[str, Any]:
 def _config_of(model: Optional[str]) -> tuple[dict[str, Any], Optional[Path]]:
     from .. import hf
 
-    if model is None:
-        gguf = hf.default_model_path()
-        folder = hf.cache_root() / gguf.stem
-        if not (folder / "config.json").is_file():
-            hf.load_model(gguf)  # converts once; later runs read the cache
-        return json.loads((folder / "config.json").read_text()), folder / "model.safetensors"
-    path = Path(model)
-    if path.suffix == ".gguf":
-        folder = hf.cache_root() / path.stem
-        if not (folder / "config.json").is_file():
-            hf.load_model(path)
-        path = folder
-    cfg = path / "config.json"
+    folder = hf.model_folder(model)
+    cfg = folder / "config.json"
     if not cfg.is_file():
-        raise FileNotFoundError(f"{path} has no config.json; give a model folder or a .gguf file")
-    weights = path / "model.safetensors"
+        raise FileNotFoundError(f"{folder} has no config.json; give a model folder or a .gguf file")
+    weights = folder / "model.safetensors"
     return json.loads(cfg.read_text()), weights if weights.is_file() else None
 
 
@@ -99,17 +87,9 @@ def tokenizer_for(model: Optional[str]) -> Any:
     """The tokenizer of a model folder (or of the default model), without its weights."""
     import transformers
 
-    _, weights = _config_of(model)
-    folder = weights.parent if weights is not None else Path(model)  # type: ignore[arg-type]
-    return transformers.AutoTokenizer.from_pretrained(folder)
+    from .. import hf
 
-
-def _rss() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0.0
+    return transformers.AutoTokenizer.from_pretrained(hf.model_folder(model))
 
 
 def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
@@ -121,7 +101,7 @@ def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
     process's memory before the model loads (default: this process's, after
     importing torch and transformers).
     """
-    from .trainer import resolve_compute_dtype
+    from .trainer import resident_bytes, resolve_compute_dtype
 
     import transformers  # noqa: F401  (part of the baseline)
     import torch
@@ -131,7 +111,7 @@ def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
     dtype = resolve_compute_dtype(cfg.compute_dtype)
     wbytes = torch.finfo(dtype).bits // 8
     h, inter, layers, vocab = s["hidden"], s["intermediate"], s["layers"], s["vocab"]
-    plan = MemoryPlan(baseline=_rss() if baseline is None else baseline)
+    plan = MemoryPlan(baseline=resident_bytes() if baseline is None else baseline)
     seq = float(tokens_per_example or cfg.max_length)
     tokens = cfg.batch_size * seq
 

@@ -34,7 +34,7 @@ from .evaluate import exact_match_accuracy, mean_loss, token_loss_sum
 from .inference import write_adapter_info
 from .plot import write_curve_png
 
-__all__ = ["SFTTrainer", "TrainingDiverged", "peak_rss_bytes", "resolve_compute_dtype"]
+__all__ = ["SFTTrainer", "TrainingDiverged", "peak_rss_bytes", "resident_bytes", "resolve_compute_dtype"]
 
 log = logging.getLogger("qpeft")
 
@@ -49,7 +49,8 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def _rss_bytes() -> int:
+def resident_bytes() -> int:
+    """Resident memory of this process now (Linux; elsewhere the peak so far)."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -139,11 +140,10 @@ class SFTTrainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        self._baseline_rss = _rss_bytes()
+        self._baseline_rss = resident_bytes()
         self._model_given = model is not None
         self.model, self.tokenizer = self._build_model(model, tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
-            else self.tokenizer.eos_token_id
+        self.pad_id = D.pad_token_id(self.tokenizer)
         self.data = self._load_data()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
@@ -318,7 +318,7 @@ class SFTTrainer:
                                      else b["input_ids"].numel() for b in micro)))
             tokens_done += seen
             record = {"step": self.step, "loss": loss, "lr": lr, "tokens": seen, "tokens_per_s": seen / dt,
-                      "step_s": dt, "rss_gb": _rss_bytes() / 2**30, "peak_rss_gb": peak_rss_bytes() / 2**30}
+                      "step_s": dt, "rss_gb": resident_bytes() / 2**30, "peak_rss_gb": peak_rss_bytes() / 2**30}
             if not main:
                 continue
             self._log(record)
