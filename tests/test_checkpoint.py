@@ -658,3 +658,25 @@ def test_qpeft_and_bitsandbytes_write_the_same_checkpoint(bnb_module, tmp_path):
     assert qa.pop("llm_int8_skip_modules") is None and qb.pop("llm_int8_skip_modules") == ["lm_head"]
     assert qa == qb
     assert ca == cb
+
+
+def test_streaming_quantizer_rejects_truncated_and_mismatched_files(plain_folder, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(plain_folder, bad)
+    weights = bad / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) - 100])
+    with pytest.raises(ValueError, match="does not fit|truncated"):
+        load_quantized(bad, quantize=True)
+    weights.write_bytes(b"\xff" * 8 + data[8:])
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        load_quantized(bad, quantize=True)
+    # A config whose layers are wider than the file's tensors.
+    weights.write_bytes(data)
+    config = json.loads((bad / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="shape"):
+        load_quantized(bad, quantize=True)

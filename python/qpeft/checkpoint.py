@@ -325,18 +325,26 @@ def load_quantized(
 
 def _load_and_quantize(source, config, compute_dtype, device, quant_type, blocksize, double_quant):
     from . import hf
+    from .stream_load import load_quantizing
 
-    dtype = torch.float32
-    if config is not None:
-        # A plain folder is loaded in its own float dtype (a GGUF dequantizes to float32).
-        name = config.get("dtype") or config.get("torch_dtype")
-        dtype = _COMPUTE_DTYPES.get(name, torch.float32) if isinstance(name, str) else torch.float32
-    model, tokenizer = hf.load_model(source, dtype=dtype)
-    quantize_model(
-        model, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype
-    )
+    folder = hf.model_folder(source)
+    config = config if config is not None else _read_config(folder)
+    # Weights other than the 4-bit ones take the compute dtype, else the folder's
+    # own float dtype (a GGUF dequantizes to float32).
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = compute_dtype or (_COMPUTE_DTYPES.get(name, torch.float32) if isinstance(name, str) else torch.float32)
+    if any(folder.glob("*.safetensors")):
+        model = load_quantizing(folder, dtype, compute_dtype, quant_type, blocksize, double_quant)
+    else:  # e.g. a folder of pytorch_model.bin: transformers reads it (weights_only), then quantize
+        model, _ = hf.load_model(folder, dtype=dtype)
+        quantize_model(
+            model, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype
+        )
     model.to(device)
     model.eval()
+    tokenizer = None
+    if hf._has_tokenizer(folder):
+        tokenizer = hf._transformers().AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return model, tokenizer
 
 

@@ -23,7 +23,7 @@ impl Isa {
     }
 }
 
-fn detect() -> Isa {
+fn detect_widest() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if std::env::var("QPEFT_FORCE_SCALAR").is_ok_and(|v| v == "1") {
@@ -54,6 +54,17 @@ fn detect() -> Isa {
         }
     }
     Isa::Scalar
+}
+
+/// The widest instruction set, capped by `QPEFT_MAX_ISA` (`scalar`, `avx2`,
+/// `neon`): benchmarks use it to stand in for an older CPU on a newer one.
+fn detect() -> Isa {
+    let widest = detect_widest();
+    match std::env::var("QPEFT_MAX_ISA").ok().as_deref() {
+        Some("scalar") => Isa::Scalar,
+        Some("avx2") | Some("neon") => widest.min(Isa::Avx2),
+        _ => widest,
+    }
 }
 
 /// The best instruction set of this CPU (detected once).

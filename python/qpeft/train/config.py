@@ -34,6 +34,8 @@ class TrainConfig:
             float32), ``"bfloat16"`` or ``"float32"``.
         lora_r, lora_alpha, lora_dropout, target_modules: the adapter.
         optimizer: one of :data:`OPTIMIZERS`.
+        fast_path: fused norm/MLP/LoRA pieces and the chunked loss where the model
+            allows them (:mod:`qpeft.train.fastpath`); off: transformers' own modules.
         eval_every, eval_examples, max_new_tokens: held-out loss and exact-match
             accuracy (greedy generation) every ``eval_every`` steps, before training and at the end.
         save_every: checkpoint interval in steps (0: only at the end).
@@ -61,6 +63,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     compute_dtype: str = "auto"
     gradient_checkpointing: bool = False
+    fast_path: bool = True
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0

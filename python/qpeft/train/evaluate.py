@@ -8,6 +8,7 @@ import torch
 
 from ..data import IGNORE_INDEX, Example, collate, exact_match, pad_token_id, prompt_text, target_text
 from ..data.encode import Encoded
+from .fastpath import lm_loss_sum
 
 __all__ = ["generate_answers", "exact_match_accuracy", "mean_loss", "token_loss_sum"]
 
@@ -16,8 +17,12 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     """(sum of cross-entropy over target tokens, number of target tokens) for one batch.
 
     The sum (not the mean) lets gradient accumulation and several processes
-    weight every token alike, whatever the split.
+    weight every token alike, whatever the split. Models :func:`lm_parts` knows
+    take the chunked loss, which never forms the whole logits tensor.
     """
+    fast = lm_loss_sum(model, batch)
+    if fast is not None:
+        return fast
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits

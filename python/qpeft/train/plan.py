@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .chunked_loss import chunk_rows
 from .config import TrainConfig
+from .fastpath import _PLAIN_HEAD_TYPES
 
 __all__ = ["MemoryPlan", "plan_memory", "model_shapes", "tokenizer_for"]
 
@@ -130,29 +132,44 @@ def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
     plan.items["adapter gradients"] = adapter
     state = {"adamw": 8.0, "torch": 8.0, "adamw8bit": 2.03125}[cfg.optimizer] / 4.0 * adapter
     plan.items[f"optimizer state ({cfg.optimizer})"] = state
+    fast = cfg.fast_path and model_cfg.get("model_type") in _PLAIN_HEAD_TYPES
     # Saved for backward per layer and token: the inputs of the adapted
     # projections (attention input, its output, MLP input, down-projection
     # input), the low-rank products, norms, attention and MLP intermediates.
     per_token_layer = (8 * h + 5 * inter) * wbytes + 7 * r * 4
+    if fast:
+        # Fused norms and SwiGLU keep the compute-dtype inputs only; the
+        # low-rank products are kept in the compute dtype.
+        per_token_layer = (7 * h + 3 * inter) * wbytes + 7 * r * wbytes
     if cfg.gradient_checkpointing:
         per_token_layer = h * wbytes * 2
     activations = tokens * layers * per_token_layer
     plan.items["activations saved for backward"] = activations
-    # Logits in the compute dtype, then float32 for the loss, its softmax and the gradient.
-    logits = tokens * vocab * (wbytes + 3 * 4)
+    if fast:
+        # The chunked loss: one chunk of logits (compute dtype, fp32, its gradient) at a time.
+        rows = min(tokens, chunk_rows(vocab))
+        logits = rows * vocab * (wbytes + 2 * 4) + tokens * 4
+    else:
+        # Logits in the compute dtype, then float32 for the loss, its softmax and the gradient.
+        logits = tokens * vocab * (wbytes + 3 * 4)
     plan.items["logits and loss"] = logits
     # One dense weight being dequantized (the largest projection) as scratch.
     scratch = max(o * i for o, i in s["linear_shapes"]) * wbytes * 2
     plan.items["dequantize scratch"] = scratch
     mapped = weights_file.stat().st_size if weights_file is not None else 0.0
-    # Loading: the checkpoint's pages (memory-mapped) and the dense model in the
-    # compute dtype, then quantized one layer at a time.
-    plan.load_peak = mapped + dense_all + (linear if cfg.method == "qlora" else 0)
     plan.train_peak = linear + other + adapter * 2 + state + activations + logits + scratch
-    if mapped:
-        # The mapped file stays resident until the process drops it.
-        plan.train_peak += mapped
-        plan.items["checkpoint file pages (mmap)"] = mapped
+    if cfg.method == "qlora":
+        # Read tensor by tensor (qpeft.stream_load): the largest tensor, as stored
+        # and in the compute dtype, is the only dense copy at any time.
+        largest = max(s["embed_params"], max(o * i for o, i in s["linear_shapes"]))
+        plan.load_peak = linear + other + largest * (4 + wbytes)
+    else:
+        # The checkpoint's pages (memory-mapped, resident until the process drops
+        # them) and the dense model in the compute dtype.
+        plan.load_peak = mapped + dense_all
+        if mapped:
+            plan.train_peak += mapped
+            plan.items["checkpoint file pages (mmap)"] = mapped
     plan.notes.append(f"{cfg.batch_size} examples x {seq:.0f} tokens per micro-batch, {dtype} compute".replace(
         "torch.", ""))
     return plan

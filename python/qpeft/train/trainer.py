@@ -30,11 +30,12 @@ import torch
 from .. import data as D
 from .._files import staged_dir
 from .config import TrainConfig
+from .fastpath import enable_fast_path
 from .evaluate import exact_match_accuracy, mean_loss, token_loss_sum
 from .inference import write_adapter_info
 from .plot import write_curve_png
 
-__all__ = ["SFTTrainer", "TrainingDiverged", "peak_rss_bytes", "resident_bytes", "resolve_compute_dtype"]
+__all__ = ["SFTTrainer", "build_model", "TrainingDiverged", "peak_rss_bytes", "resident_bytes", "resolve_compute_dtype"]
 
 log = logging.getLogger("qpeft")
 
@@ -107,6 +108,40 @@ def resolve_compute_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if fast else torch.float32
 
 
+def build_model(cfg: TrainConfig, dtype: torch.dtype, model: Any = None, tokenizer: Any = None) -> tuple[Any, Any]:
+    """The trainable model of ``cfg`` (quantized and wrapped as ``cfg.method`` says) and its
+    tokenizer; what :class:`SFTTrainer` trains and ``bench/sft.py`` measures."""
+    from .. import hf
+    from ..nn import Linear4bit, quantize_model
+    from ..tuners import LoraConfig, PeftModel, get_peft_model
+
+    if model is None and cfg.method == "qlora":
+        # Read and quantize layer by layer: the dense model is never whole in memory.
+        from ..checkpoint import load_quantized
+
+        model, loaded_tok = load_quantized(cfg.model or hf.default_model_path(), quantize=True, compute_dtype=dtype)
+        tokenizer = tokenizer or loaded_tok
+    elif model is None:
+        model, loaded_tok = hf.load_model(cfg.model, dtype=dtype)
+        tokenizer = tokenizer or loaded_tok
+    if tokenizer is None:
+        raise ValueError("the model folder has no tokenizer; pass one (tokenizer=...) or use a folder with one")
+    if not isinstance(model, PeftModel):
+        if cfg.method == "qlora" and not any(isinstance(m, Linear4bit) for m in model.modules()):
+            model = quantize_model(model, compute_dtype=dtype)
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    if cfg.fast_path:
+        enable_fast_path(model)
+    if cfg.gradient_checkpointing:
+        base = model.get_base_model()
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+    model.train()
+    return model, tokenizer
+
+
 @dataclass
 class _Data:
     train: D.EncodedSet
@@ -157,28 +192,7 @@ class SFTTrainer:
     # ------------------------------------------------------------ set-up
 
     def _build_model(self, model: Any, tokenizer: Any) -> tuple[Any, Any]:
-        from .. import hf
-        from ..nn import quantize_model
-        from ..tuners import LoraConfig, PeftModel, get_peft_model
-
-        cfg = self.config
-        if model is None:
-            model, loaded_tok = hf.load_model(cfg.model, dtype=self.dtype)
-            tokenizer = tokenizer or loaded_tok
-        if tokenizer is None:
-            raise ValueError("the model folder has no tokenizer; pass one (tokenizer=...) or use a folder with one")
-        if not isinstance(model, PeftModel):
-            if cfg.method == "qlora":
-                model = quantize_model(model, compute_dtype=self.dtype)
-            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              target_modules=cfg.target_modules, task_type="CAUSAL_LM")
-            model = get_peft_model(model, lora)
-        if cfg.gradient_checkpointing:
-            base = model.get_base_model()
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            base.config.use_cache = False
-        model.train()
-        return model, tokenizer
+        return build_model(self.config, self.dtype, model, tokenizer)
 
     def _load_data(self) -> _Data:
         cfg = self.config

@@ -50,7 +50,13 @@ class LoraLinear(nn.Module):
         active_adapters: names summed in the forward.
         merged_adapters: names currently folded into the base weight.
         disabled: when ``True`` the layer returns the base output.
+        lora_in_compute_dtype: 4-bit base only: run the first adapter's matmuls in
+            the compute dtype (bf16) instead of the adapter's fp32 when gradients
+            are on (set by the trainer's fast path; off by default, which matches
+            PEFT's rounding; inference always uses the adapter's dtype).
     """
+
+    lora_in_compute_dtype: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -217,6 +223,7 @@ class LoraLinear(nn.Module):
         out = lora_linear_4bit(
             x, self.base_layer, self.lora_A[first], self.lora_B[first], self.scaling[first], p,
             self.lora_magnitude_vector[first] if first in self.lora_magnitude_vector else None,
+            self.lora_in_compute_dtype and torch.is_grad_enabled(),
         )
         for name in rest:
             A, B = self.lora_A[name], self.lora_B[name]

@@ -47,9 +47,14 @@ class LoraMatMul4bit(torch.autograd.Function):
     """Forward and backward of a LoRA (optionally DoRA) layer over a frozen 4-bit weight."""
 
     @staticmethod
-    def forward(ctx, x, weight, quant_state, bias, A, B, magnitude, scaling: float, dropout_p: float):
+    def forward(ctx, x, weight, quant_state, bias, A, B, magnitude, scaling: float, dropout_p: float,
+                lora_dtype: Optional[torch.dtype] = None):
         out_dtype = x.dtype
-        lora_dtype = A.dtype
+        # The adapter's matmuls run in lora_dtype (default: the adapter's own);
+        # gradients are returned in the adapter's dtype either way.
+        lora_dtype = A.dtype if lora_dtype is None or magnitude is not None else lora_dtype
+        ctx.lora_dtype = lora_dtype
+        A_, B_ = A.to(lora_dtype), B.to(lora_dtype)
         xd = x.to(lora_dtype)
         mask = None
         if dropout_p > 0.0:
@@ -57,8 +62,8 @@ class LoraMatMul4bit(torch.autograd.Function):
             keep = torch.empty_like(xd).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
             mask = keep != 0
             xd = xd * keep
-        h = xd @ A.t()
-        lora = h @ B.t()
+        h = xd @ A_.t()
+        lora = h @ B_.t()
         norm = None
         # Sums are formed in PEFT's order (base output with bias first, then the
         # adapter term), so equal weights give equal logits to the last bit.
@@ -92,7 +97,8 @@ class LoraMatMul4bit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, xd, h, A, B, magnitude, norm, mask = ctx.saved_tensors
+        weight, xd, h, A32, B32, magnitude, norm, mask = ctx.saved_tensors
+        A, B = A32.to(ctx.lora_dtype), B32.to(ctx.lora_dtype)
         xd = xd.to(A.dtype)
         g = None if magnitude is None else magnitude / norm
         s = ctx.scaling
@@ -104,9 +110,9 @@ class LoraMatMul4bit(torch.autograd.Function):
         dh = s * (dyg @ B)
         need_x, need_A, need_B, need_m = (ctx.needs_input_grad[i] for i in (0, 4, 5, 6))
         if need_B:
-            grad_B = s * (dyg.reshape(-1, dyg.shape[-1]).t() @ h.reshape(-1, h.shape[-1]))
+            grad_B = (s * (dyg.reshape(-1, dyg.shape[-1]).t() @ h.reshape(-1, h.shape[-1]))).to(B32.dtype)
         if need_A:
-            grad_A = dh.reshape(-1, dh.shape[-1]).t() @ xd.reshape(-1, xd.shape[-1])
+            grad_A = (dh.reshape(-1, dh.shape[-1]).t() @ xd.reshape(-1, xd.shape[-1])).to(A32.dtype)
         W = None
         if g is not None and (need_m or need_x):
             # One dequantization serves both the input gradient and the magnitude's.
@@ -129,7 +135,7 @@ class LoraMatMul4bit(torch.autograd.Function):
             grad_x = (grad_x + lora_in).to(ctx.x_dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = dy2.sum(0).to(ctx.bias_dtype)
-        return grad_x, None, None, grad_bias, grad_A, grad_B, grad_m, None, None
+        return grad_x, None, None, grad_bias, grad_A, grad_B, grad_m, None, None, None
 
 
 def lora_linear_4bit(
@@ -140,6 +146,7 @@ def lora_linear_4bit(
     scaling: float,
     dropout_p: float = 0.0,
     magnitude: Optional[torch.Tensor] = None,
+    lora_in_compute_dtype: bool = False,
 ) -> torch.Tensor:
     """LoRA output of a :class:`qpeft.nn.Linear4bit` ``base`` with one adapter.
 
@@ -152,6 +159,8 @@ def lora_linear_4bit(
         scaling: factor on ``B A``.
         dropout_p: dropout probability on the LoRA path's input (pass 0 in eval mode).
         magnitude: DoRA magnitude ``[out]``, or ``None`` for plain LoRA.
+        lora_in_compute_dtype: run the LoRA matmuls in the compute dtype rather
+            than the adapter's (no fp32 copies of bf16 activations; plain LoRA only).
 
     Returns:
         ``[..., out_features]`` in ``x``'s dtype (the autocast dtype under autocast).
@@ -167,5 +176,6 @@ def lora_linear_4bit(
     if compute_dtype is not None and x.dtype != compute_dtype:
         x = x.to(compute_dtype)
     with torch.autocast(device, enabled=False):
-        out = LoraMatMul4bit.apply(x, base.weight, qs, base.bias, A, B, magnitude, float(scaling), float(dropout_p))
+        out = LoraMatMul4bit.apply(x, base.weight, qs, base.bias, A, B, magnitude, float(scaling), float(dropout_p),
+                                   x.dtype if lora_in_compute_dtype else None)
     return out if out.dtype == out_dtype else out.to(out_dtype)

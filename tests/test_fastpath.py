@@ -1,0 +1,169 @@
+"""The trainer's fast path computes what transformers computes: the chunked loss
+against F.cross_entropy, the fused RMSNorm and SwiGLU against transformers'
+modules, and a whole QLoRA model's loss and adapter gradients with and without it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qpeft.train.chunked_loss import ChunkedLMLoss, chunked_lm_loss_sum
+from qpeft.train.fastpath import FusedRMSNorm, FusedSwiGLU, enable_fast_path, lm_loss_sum, lm_parts
+
+transformers = pytest.importorskip("transformers")
+
+
+def reference_loss(hidden, weight, labels):
+    logits = hidden @ weight.t().to(hidden.dtype)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, weight.shape[0]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 16, 1000])
+def test_chunked_loss_matches_cross_entropy(dtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    B, T, d, V = 3, 11, 24, 97
+    h = torch.randn(B, T, d, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(V, d, generator=g) * 0.3).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :5] = -100
+    labels[2, -1] = -100
+    ref = reference_loss(h, w, labels)
+    ref.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    x = h[:, :-1].reshape(-1, d)
+    got = ChunkedLMLoss.apply(x, w, labels[:, 1:].reshape(-1), rows)
+    got.backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, ref.float(), **tol)
+    torch.testing.assert_close(h.grad.float(), gh.float(), **tol)
+    torch.testing.assert_close(w.grad.float(), gw.float(), **tol)
+
+
+def test_chunked_loss_all_ignored_is_zero_with_zero_gradient():
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    w = torch.randn(13, 8)
+    labels = torch.full((2, 5), -100)
+    loss, n = chunked_lm_loss_sum(h, w, labels)
+    loss.backward()
+    assert n == 0 and float(loss.detach()) == 0.0 and not h.grad.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rmsnorm_matches_transformers(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(48) + 0.5)
+    norm.weight.requires_grad_(True)
+    x = (torch.randn(4, 9, 48) * 3).to(dtype).requires_grad_()
+    dy = torch.randn(4, 9, 48).to(dtype)
+    ref = norm(x)
+    ref.backward(dy)
+    gx, gw = x.grad.clone(), norm.weight.grad.clone()
+    x.grad = norm.weight.grad = None
+    got = FusedRMSNorm.apply(x, norm.weight, norm.variance_epsilon)
+    assert torch.equal(got, ref)  # the same forward rounding, bit for bit
+    got.backward(dy)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(x.grad, gx, **tol)
+    torch.testing.assert_close(norm.weight.grad, gw, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_swiglu_matches_autograd(dtype):
+    gate = (torch.randn(5, 33) * 4).to(dtype).requires_grad_()
+    up = torch.randn(5, 33).to(dtype).requires_grad_()
+    dy = torch.randn(5, 33).to(dtype)
+    ref = F.silu(gate) * up
+    ref.backward(dy)
+    gg, gu = gate.grad.clone(), up.grad.clone()
+    gate.grad = up.grad = None
+    got = FusedSwiGLU.apply(gate, up)
+    assert torch.equal(got, ref)
+    got.backward(dy)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gate.grad, gg, **tol)
+    torch.testing.assert_close(up.grad, gu, **tol)
+
+
+def _qlora(tiny_llama_dir, dtype):
+    from qpeft import quantize_model
+    from qpeft.tuners import LoraConfig, get_peft_model
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=dtype)
+    model = quantize_model(model, compute_dtype=dtype)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # B = 0 would hide errors in the A/B gradients
+    model.train()
+    return model
+
+
+def _loss_and_grads(model, batch):
+    from qpeft.train import token_loss_sum
+
+    loss, n = token_loss_sum(model, batch)
+    (loss / n).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()) / n, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_path_model_matches_the_plain_model(tiny_llama_dir, dtype):
+    plain = _qlora(tiny_llama_dir, dtype)
+    fast = copy.deepcopy(plain)
+    assert lm_parts(plain) is not None
+    switched = enable_fast_path(fast)
+    assert set(switched) == {"chunked-loss", "lora-compute-dtype", "rmsnorm", "swiglu"}
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, plain.config.vocab_size, (2, 13), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    # The plain model on transformers' path (logits + cross-entropy): hide the head from lm_parts.
+    import qpeft.train.evaluate as ev
+
+    real = ev.lm_loss_sum
+    ev.lm_loss_sum = lambda model, batch: None
+    try:
+        ref_loss, ref_grads = _loss_and_grads(plain, batch)
+    finally:
+        ev.lm_loss_sum = real
+    loss, grads = _loss_and_grads(fast, batch)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert abs(loss - ref_loss) <= tol * abs(ref_loss)
+    for k, ref in ref_grads.items():
+        err = (grads[k] - ref).norm() / ref.norm().clamp_min(1e-12)
+        assert err <= (1e-4 if dtype == torch.float32 else 5e-2), (k, float(err))
+    # Inference (no_grad) still takes transformers' forward and gives the same logits.
+    fast.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_packed_batch_loss_is_the_same_through_the_chunked_path(tiny_llama_dir):
+    from qpeft import data as D
+
+    model = _qlora(tiny_llama_dir, torch.float32)
+    units = [D.Encoded(input_ids=[5, 6, 7, 8, 9], labels=[-100, -100, 7, 8, 9]),
+             D.Encoded(input_ids=[11, 12, 13], labels=[-100, 12, 13])]
+    batch = D.collate_packed(D.pack(units, 16), pad_token_id=0, dtype=torch.float32)
+    fast = lm_loss_sum(model, batch)
+    labels = batch["labels"]
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        ref = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                              ignore_index=-100, reduction="sum")
+    assert fast[1] == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(fast[0].detach(), ref, rtol=1e-5, atol=1e-5)
