@@ -17,6 +17,8 @@ pub mod error;
 pub mod gemv;
 pub mod memory;
 pub mod nf4;
+pub mod paged_adamw;
+pub mod pages;
 pub mod parallel;
 pub mod scale;
 
