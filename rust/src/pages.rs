@@ -335,7 +335,7 @@ enum Use {
     /// Holds a page nobody is working on.
     Ready,
     /// The walker is working on its page.
-    InUse,
+    Busy,
 }
 
 struct FrameMeta {
@@ -380,7 +380,7 @@ impl PageStore {
     /// A store of `page_bytes` pages (a multiple of 4096) keeping at most
     /// `max_resident_bytes` of them in memory (at least one page).
     pub fn new(page_bytes: usize, max_resident_bytes: usize, backing: Box<dyn Backing>) -> Result<Self> {
-        if page_bytes == 0 || page_bytes % PAGE_ALIGN != 0 {
+        if page_bytes == 0 || !page_bytes.is_multiple_of(PAGE_ALIGN) {
             return Err(invalid(format!("page_bytes must be a positive multiple of {PAGE_ALIGN}, got {page_bytes}")));
         }
         let frames = max_resident_bytes / page_bytes;
@@ -412,7 +412,7 @@ impl PageStore {
     /// A store whose pages live in a new file in `dir` when not resident.
     #[cfg(unix)]
     pub fn in_file(dir: &Path, page_bytes: usize, max_resident_bytes: usize) -> Result<Self> {
-        if page_bytes == 0 || page_bytes % PAGE_ALIGN != 0 {
+        if page_bytes == 0 || !page_bytes.is_multiple_of(PAGE_ALIGN) {
             return Err(invalid(format!("page_bytes must be a positive multiple of {PAGE_ALIGN}, got {page_bytes}")));
         }
         Self::new(page_bytes, max_resident_bytes, Box::new(FileBacking::create(dir, page_bytes)?))
@@ -522,7 +522,7 @@ impl PageStore {
                     t = self.changed.wait(t).unwrap_or_else(|p| p.into_inner());
                 }
                 let frame = t.pages[order[k]].frame.ok_or_else(|| invalid("internal: a prepared page is not resident"))?;
-                t.frames[frame].state = Use::InUse;
+                t.frames[frame].state = Use::Busy;
                 frame
             };
             let r = {
