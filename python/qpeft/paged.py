@@ -182,6 +182,11 @@ class _Paged:
             "state": {k: {kk: vv for kk, vv in v.items() if kk not in moment_keys} for k, v in saved.items()},
         }
         torch.optim.Optimizer.load_state_dict(self, stripped)
+        for state in self.state.values():
+            # torch keeps the caller's step tensors, which step() then increments
+            # in place: loading a live optimizer's state_dict would tie the two.
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):

@@ -513,11 +513,13 @@ impl PageStore {
             let frame = {
                 let mut t = lock(&self.table);
                 loop {
-                    if let Some(e) = t.io_error.take() {
-                        return Err(e);
-                    }
+                    // Every page the loader prepared is visited before its error
+                    // is reported, so how far a failed walk got is deterministic.
                     if t.io_done > k {
                         break;
+                    }
+                    if let Some(e) = t.io_error.take() {
+                        return Err(e);
                     }
                     t = self.changed.wait(t).unwrap_or_else(|p| p.into_inner());
                 }
