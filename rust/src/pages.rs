@@ -364,6 +364,17 @@ struct Table {
     io_done: usize,
     io_error: Option<Error>,
     stop: bool,
+    loader_exited: bool,
+}
+
+/// Applies its change to the table and wakes every waiter when dropped.
+struct Notify<'a, F: FnMut(&mut Table)>(&'a PageStore, F);
+
+impl<F: FnMut(&mut Table)> Drop for Notify<'_, F> {
+    fn drop(&mut self) {
+        (self.1)(&mut lock(&self.0.table));
+        self.0.changed.notify_all();
+    }
 }
 
 /// Fixed-size pages under a resident budget, with LRU eviction to a [`Backing`].
@@ -468,12 +479,15 @@ impl PageStore {
             t.io_done = 0;
             t.io_error = None;
             t.stop = false;
+            t.loader_exited = false;
         }
         let threaded = prefetch && order.len() > 1 && self.bufs.len() > 1;
         let mut done = 0;
         let result = if threaded {
             std::thread::scope(|s| {
                 s.spawn(|| {
+                    // However the loader ends (even by a panic), the walker stops waiting for it.
+                    let _exit = Notify(self, |t: &mut Table| t.loader_exited = true);
                     for j in 0..order.len() {
                         match self.load_position(order, j, true) {
                             Ok(true) => {}
@@ -486,10 +500,9 @@ impl PageStore {
                         }
                     }
                 });
-                let r = self.visit_all(order, writes, &mut done, &mut f, None);
-                lock(&self.table).stop = true;
-                self.changed.notify_all();
-                r
+                // However the walker ends (even by a panic), the loader stops.
+                let _stop = Notify(self, |t: &mut Table| t.stop = true);
+                self.visit_all(order, writes, &mut done, &mut f, None)
             })
         } else {
             self.visit_all(order, writes, &mut done, &mut f, Some(()))
@@ -521,6 +534,9 @@ impl PageStore {
                     if let Some(e) = t.io_error.take() {
                         return Err(e);
                     }
+                    if t.loader_exited && inline.is_none() {
+                        return Err(invalid("internal: the page loader stopped early"));
+                    }
                     t = self.changed.wait(t).unwrap_or_else(|p| p.into_inner());
                 }
                 let frame = t.pages[order[k]].frame.ok_or_else(|| invalid("internal: a prepared page is not resident"))?;
@@ -529,7 +545,9 @@ impl PageStore {
             };
             let r = {
                 let mut buf = lock(&self.bufs[frame]);
-                f(k, as_bytes_mut(&mut buf))
+                // A panic becomes an error so the frame is handed back and the loader stops.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(k, as_bytes_mut(&mut buf))))
+                    .unwrap_or_else(|_| Err(invalid("internal: a page visit panicked")))
             };
             {
                 let mut t = lock(&self.table);
@@ -803,6 +821,17 @@ mod tests {
         assert!(r.unwrap_err().to_string().contains("write failed"));
         fail.store(false, Ordering::Relaxed);
         verify(&s, &[0, 1, 2, 3], true, 5);
+    }
+
+    #[test]
+    fn a_panic_in_the_walker_is_an_error_and_the_store_stays_usable() {
+        let mut s = PageStore::in_host_memory(PB, 2 * PB).unwrap();
+        s.add_pages(6).unwrap();
+        let (done, r) = s.walk(&[0, 1, 2, 3, 4, 5], true, true, |k, _| if k == 1 { panic!("boom") } else { Ok(()) });
+        assert_eq!(done, 1);
+        assert!(r.unwrap_err().to_string().contains("panicked"));
+        fill(&s, &[0, 1, 2, 3, 4, 5], true, 9);
+        verify(&s, &[5, 4, 3, 2, 1, 0], true, 9);
     }
 
     #[test]
