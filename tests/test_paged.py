@@ -320,3 +320,11 @@ def test_peak_memory_rises_by_at_most_budget_plus_a_page_per_thread(tmp_path):
     # Threads: the kernel's pool plus the prefetching thread.
     limit = r["budget"] + (r["threads"] + 1) * r["page"]
     assert r["rise"] <= limit, f"peak RSS rose by {r['rise'] / 2**20:.1f} MiB, more than {limit / 2**20:.1f} MiB"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_parameters_are_not_implemented_yet():
+    p = torch.nn.Parameter(torch.zeros(10, device="cuda"))
+    for cls in (PagedAdamW, PagedAdamW8bit):
+        with pytest.raises(NotImplementedError, match="pinned host memory"):
+            cls([p], backing="host")
