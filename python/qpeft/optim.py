@@ -304,7 +304,7 @@ def estimate_state_bytes(
     max_resident_bytes: Optional[int] = None,
     page_bytes: int = 1 << 20,
 ) -> int:
-    """Bytes of optimizer state that :class:`AdamW` or :class:`AdamW8bit` (or their paged variants) will hold in memory for ``params``.
+    """Bytes of optimizer state that :class:`AdamW`, :class:`AdamW8bit` or a paged variant keeps in memory.
 
     Counts the tensors the optimizer allocates on its first step: for
     ``"adamw"`` two float32 moments per element; for ``"adamw8bit"`` two
