@@ -1,6 +1,7 @@
 # Type stub for the Rust extension qpeft._native (rust/src/lib.rs).
 # Arrays are zero-copy NumPy views of contiguous CPU torch tensors; float16 and
 # bfloat16 travel as int16 bits with `dtype` naming the real type.
+import pathlib
 from typing import Literal, Optional
 
 import numpy as np
@@ -114,3 +115,42 @@ def adamw8_step(
     threads: int,
     isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
 ) -> None: ...
+
+class PagedState:
+    """Paged AdamW / AdamW8bit state (rust/src/paged_adamw.rs); ``state_dir`` None keeps pages in host memory."""
+
+    def __init__(self, page_bytes: int, max_resident_bytes: int, state_dir: Optional[str] = None) -> None: ...
+    def add_param(self, numel: int, kind: Literal["f32", "q8"]) -> int: ...
+    def step(
+        self,
+        items: list[
+            tuple[
+                int,
+                npt.NDArray[np.float32] | npt.NDArray[np.int16],
+                npt.NDArray[np.float32] | npt.NDArray[np.int16],
+                Literal["float32", "bfloat16"],
+                Literal["adamw", "adamw8"],
+                list[float],
+                bool,
+            ]
+        ],
+        threads: int,
+        isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
+    ) -> None: ...
+    def transfer_f32(
+        self, param: int, m: npt.NDArray[np.float32], v: npt.NDArray[np.float32], write: bool
+    ) -> None: ...
+    def transfer_q8(
+        self,
+        param: int,
+        qm: npt.NDArray[np.uint8],
+        qv: npt.NDArray[np.uint8],
+        am: npt.NDArray[np.float32],
+        av: npt.NDArray[np.float32],
+        write: bool,
+    ) -> None: ...
+    def stats(self) -> dict[str, int]: ...
+    def path(self) -> Optional[pathlib.Path]: ...
+    def close(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...

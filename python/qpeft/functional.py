@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import weakref
 from typing import Any, Mapping, Optional
@@ -53,6 +54,10 @@ __all__ = [
     "OPTIM_BLOCKSIZE",
     "adamw_step",
     "adamw8bit_step",
+    "paged_state",
+    "paged_adamw_step",
+    "paged_state_read",
+    "paged_state_write",
 ]
 
 #: Block sizes accepted for 4-bit quantization (as bitsandbytes >= 0.50).
@@ -1038,15 +1043,25 @@ def adamw_step(
     n = param.numel()
     _optim_state("exp_avg", exp_avg, torch.float32, n)
     _optim_state("exp_avg_sq", exp_avg_sq, torch.float32, n)
-    step, lr, beta1, beta2, eps, weight_decay = _optim_scalars(step, lr, beta1, beta2, eps, weight_decay)
-    bc1 = 1 - beta1**step
-    bc2 = 1 - beta2**step
+    scalars = _adamw_scalars(step, lr, beta1, beta2, eps, weight_decay)
     _native.adamw_step(
         _flat_view(param),
         _flat_view(g),
         _flat_view(exp_avg),
         _flat_view(exp_avg_sq),
         dtype,
+        **scalars,
+        maximize=bool(maximize),
+        threads=_threads(),
+    )
+
+
+def _adamw_scalars(step: Any, lr: Any, beta1: Any, beta2: Any, eps: Any, weight_decay: Any) -> dict[str, float]:
+    """The float32-state kernel's scalars, in float64 as torch computes them (rounded once by the kernel)."""
+    step, lr, beta1, beta2, eps, weight_decay = _optim_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
+    return dict(
         decay=1 - lr * weight_decay,
         lerp_weight=1 - beta1,
         beta2=beta2,
@@ -1054,8 +1069,21 @@ def adamw_step(
         bc2_sqrt=bc2**0.5,
         eps=eps,
         step_size=(lr / bc1) * -1,
-        maximize=bool(maximize),
-        threads=_threads(),
+    )
+
+
+def _adamw8_scalars(step: Any, lr: Any, beta1: Any, beta2: Any, eps: Any, weight_decay: Any) -> dict[str, float]:
+    """The 8-bit kernel's scalars, in float64 as bitsandbytes computes them."""
+    step, lr, beta1, beta2, eps, weight_decay = _optim_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    return dict(
+        beta1=beta1,
+        one_minus_beta1=1.0 - beta1,
+        beta2=beta2,
+        one_minus_beta2=1.0 - beta2,
+        bc2_sqrt=math.sqrt(1.0 - beta2**step),
+        eps=eps,
+        decay=1.0 - lr * weight_decay,
+        step_size=-lr / (1.0 - beta1**step),
     )
 
 
@@ -1104,7 +1132,6 @@ def adamw8bit_step(
         _optim_state(name, t, torch.uint8, n)
     for name, t in (("absmax1", absmax1), ("absmax2", absmax2)):
         _optim_state(name, t, torch.float32, blocks)
-    step, lr, beta1, beta2, eps, weight_decay = _optim_scalars(step, lr, beta1, beta2, eps, weight_decay)
     _native.adamw8_step(
         _flat_view(param),
         _flat_view(g),
@@ -1113,14 +1140,89 @@ def adamw8bit_step(
         _flat_view(absmax1),
         _flat_view(absmax2),
         dtype,
-        beta1=beta1,
-        one_minus_beta1=1.0 - beta1,
-        beta2=beta2,
-        one_minus_beta2=1.0 - beta2,
-        bc2_sqrt=math.sqrt(1.0 - beta2**step),
-        eps=eps,
-        decay=1.0 - lr * weight_decay,
-        step_size=-lr / (1.0 - beta1**step),
+        **_adamw8_scalars(step, lr, beta1, beta2, eps, weight_decay),
         maximize=bool(maximize),
         threads=_threads(),
     )
+
+
+# ------------------------------------------------------------ paged optimizer state
+
+
+def paged_state(page_bytes: int, max_resident_bytes: int, state_dir: Optional[str]) -> Any:
+    """A native page store for paged AdamW state (rust/src/paged_adamw.rs).
+
+    ``state_dir`` None keeps non-resident pages in host memory; otherwise in
+    a new file in that directory, removed when the store is closed.
+    """
+    for name, x in (("page_bytes", page_bytes), ("max_resident_bytes", max_resident_bytes)):
+        if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
+            raise ValueError(f"{name} must be a positive int, got {x!r}")
+    if page_bytes % 4096:
+        raise ValueError(f"page_bytes must be a multiple of 4096, got {page_bytes}")
+    if max_resident_bytes < page_bytes:
+        raise ValueError(
+            f"max_resident_bytes ({max_resident_bytes}) is smaller than one page ({page_bytes} bytes); "
+            f"raise max_resident_bytes or lower page_bytes"
+        )
+    if state_dir is not None and not os.path.isdir(state_dir):
+        raise ValueError(f"state_dir {state_dir!r} is not an existing directory; create it or pass another one")
+    return _native.PagedState(page_bytes, max_resident_bytes, state_dir)
+
+
+def paged_adamw_step(store: Any, items: list[tuple[int, torch.Tensor, torch.Tensor, bool, dict[str, Any]]]) -> None:
+    """One step of paged AdamW over ``items``, in their order.
+
+    Each item is ``(slot, param, grad, eight_bit, hyper)`` with ``hyper`` the
+    keyword arguments of :func:`adamw_step` (``step``, ``lr``, ``beta1``,
+    ``beta2``, ``eps``, ``weight_decay``, ``maximize``); ``eight_bit`` picks
+    :func:`adamw8bit_step`'s arithmetic, which the slot's state must match.
+    The results equal those two functions bit for bit.
+    """
+    native_items = []
+    for slot, param, grad, eight_bit, hyper in items:
+        dtype, g = _optim_param(param, grad)
+        hyper = dict(hyper)
+        maximize = bool(hyper.pop("maximize", False))
+        scalars = (_adamw8_scalars if eight_bit else _adamw_scalars)(**hyper)
+        native_items.append(
+            (slot, _flat_view(param), _flat_view(g), dtype, "adamw8" if eight_bit else "adamw",
+             list(scalars.values()), maximize)
+        )
+    store.step(native_items, _threads())
+
+
+def paged_state_read(store: Any, slot: int, numel: int, eight_bit: bool) -> dict[str, torch.Tensor]:
+    """A parameter's paged state as new flat tensors, keyed as the unpaged optimizers key them."""
+    if eight_bit:
+        blocks = -(-numel // OPTIM_BLOCKSIZE)
+        out = dict(
+            state1=torch.empty(numel, dtype=torch.uint8),
+            state2=torch.empty(numel, dtype=torch.uint8),
+            absmax1=torch.empty(blocks, dtype=torch.float32),
+            absmax2=torch.empty(blocks, dtype=torch.float32),
+        )
+        store.transfer_q8(slot, *(t.numpy() for t in out.values()), False)
+    else:
+        out = dict(exp_avg=torch.empty(numel, dtype=torch.float32), exp_avg_sq=torch.empty(numel, dtype=torch.float32))
+        store.transfer_f32(slot, *(t.numpy() for t in out.values()), False)
+    return out
+
+
+def paged_state_write(store: Any, slot: int, state: dict[str, torch.Tensor], eight_bit: bool) -> None:
+    """Replace a parameter's paged state with ``state`` (the keys :func:`paged_state_read` returns)."""
+    keys = ("state1", "state2", "absmax1", "absmax2") if eight_bit else ("exp_avg", "exp_avg_sq")
+    dtypes = (torch.uint8, torch.uint8, torch.float32, torch.float32) if eight_bit else (torch.float32, torch.float32)
+    arrays = []
+    for key, dtype in zip(keys, dtypes):
+        t = state.get(key)
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"the state to load lacks the tensor {key!r} (it has {sorted(state)})")
+        if t.dtype != dtype:
+            raise TypeError(f"state {key!r} must be {dtype} for this parameter, got {t.dtype}")
+        # A private copy: the native side reads it while the GIL is released.
+        arrays.append(t.detach().to("cpu").reshape(-1).contiguous().clone().numpy())
+    if eight_bit:
+        store.transfer_q8(slot, *arrays, True)
+    else:
+        store.transfer_f32(slot, *arrays, True)

@@ -28,7 +28,17 @@ import torch
 
 from . import functional as F
 
-__all__ = ["AdamW", "AdamW8bit", "estimate_state_bytes"]
+__all__ = ["AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit", "estimate_state_bytes"]
+
+
+def __getattr__(name: str) -> Any:
+    # The paged optimizers (qpeft/paged.py) subclass the ones here, so they are
+    # imported on first use rather than at the top (which would be circular).
+    if name in ("PagedAdamW", "PagedAdamW8bit"):
+        from . import paged
+
+        return getattr(paged, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _FLOAT_STATE = {
     # Keys whose tensors are float32 whatever the parameter dtype (torch would
@@ -283,11 +293,18 @@ class AdamW8bit(_FusedAdamW):
         self.__dict__.setdefault("min_8bit_size", 4096)
 
 
-_STATE_KINDS = ("adamw", "adamw8bit")
+_STATE_KINDS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 
 
-def estimate_state_bytes(params: Any, optimizer: str = "adamw", min_8bit_size: int = 4096) -> int:
-    """Bytes of optimizer state that :class:`AdamW` or :class:`AdamW8bit` will hold for ``params``.
+def estimate_state_bytes(
+    params: Any,
+    optimizer: str = "adamw",
+    min_8bit_size: int = 4096,
+    *,
+    max_resident_bytes: Optional[int] = None,
+    page_bytes: int = 1 << 20,
+) -> int:
+    """Bytes of optimizer state that :class:`AdamW`, :class:`AdamW8bit` or a paged variant keeps in memory.
 
     Counts the tensors the optimizer allocates on its first step: for
     ``"adamw"`` two float32 moments per element; for ``"adamw8bit"`` two
@@ -295,27 +312,47 @@ def estimate_state_bytes(params: Any, optimizer: str = "adamw", min_8bit_size: i
     parameters with at least ``min_8bit_size`` elements, and float32 moments
     for smaller ones; plus a 4-byte step counter per parameter.
 
+    For ``"paged_adamw"`` and ``"paged_adamw8bit"`` (:class:`PagedAdamW`,
+    :class:`PagedAdamW8bit`) it is the resident part: the state rounded up to
+    whole pages of ``page_bytes``, but at most ``max_resident_bytes`` rounded
+    down to whole pages, plus the step counters. The whole state, in the
+    backing file or host memory, is what the unpaged kind reports (plus up to
+    63 bytes of alignment per parameter and page).
+
     Args:
         params: a module (its parameters that require gradients), a tensor,
             or an iterable of tensors or parameter-group dicts.
-        optimizer: ``"adamw"`` or ``"adamw8bit"``.
+        optimizer: ``"adamw"``, ``"adamw8bit"``, ``"paged_adamw"`` or ``"paged_adamw8bit"``.
         min_8bit_size: as :class:`AdamW8bit`.
+        max_resident_bytes, page_bytes: the paged optimizers' arguments (required for them).
 
     Example:
         >>> estimate_state_bytes([torch.zeros(4096, 4096)], "adamw8bit")
         34078724
+        >>> estimate_state_bytes([torch.zeros(4096, 4096)], "paged_adamw8bit", max_resident_bytes=8 << 20)
+        8388612
     """
     if optimizer not in _STATE_KINDS:
         raise ValueError(f"optimizer must be one of {_STATE_KINDS}, got {optimizer!r}")
-    total = 0
+    paged = optimizer.startswith("paged_")
+    if paged and (isinstance(max_resident_bytes, bool) or not isinstance(max_resident_bytes, int)):
+        raise ValueError(f"{optimizer} needs max_resident_bytes (an int), got {max_resident_bytes!r}")
+    if paged and (not isinstance(page_bytes, int) or page_bytes <= 0):
+        raise ValueError(f"page_bytes must be a positive int, got {page_bytes!r}")
+    eight_bit = optimizer.endswith("adamw8bit")
+    moments = 0
+    counters = 0
     for p in _iter_params(params):
         n = p.numel()
-        total += 4  # the step counter
-        if optimizer == "adamw8bit" and n >= min_8bit_size:
-            total += 2 * n + 2 * 4 * math.ceil(n / F.OPTIM_BLOCKSIZE)
+        counters += 4  # the step counter
+        if eight_bit and n >= min_8bit_size:
+            moments += 2 * n + 2 * 4 * math.ceil(n / F.OPTIM_BLOCKSIZE)
         else:
-            total += 2 * 4 * n
-    return total
+            moments += 2 * 4 * n
+    if paged:
+        whole_pages = -(-moments // page_bytes) * page_bytes
+        moments = min(whole_pages, max_resident_bytes // page_bytes * page_bytes)
+    return moments + counters
 
 
 def _iter_params(params: Any) -> Iterable[torch.Tensor]:

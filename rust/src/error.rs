@@ -9,6 +9,9 @@ pub enum Error {
     InvalidArgument(String),
     /// A NaN or infinity in data that must be finite (a weight to quantize).
     NonFinite { index: usize },
+    /// The backing store of the page store failed: a write or read error, a
+    /// full disk, or a backing file that was deleted, truncated or corrupted.
+    Storage(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -22,6 +25,7 @@ impl fmt::Display for Error {
                 "input contains NaN or infinity (first in the block holding flat element {index}); \
                  quantization needs finite values: replace them (torch.nan_to_num) or find where they came from"
             ),
+            Error::Storage(msg) => f.write_str(msg),
         }
     }
 }
@@ -31,4 +35,9 @@ impl std::error::Error for Error {}
 /// Shorthand for an `InvalidArgument` error.
 pub(crate) fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidArgument(msg.into())
+}
+
+/// Shorthand for a `Storage` error.
+pub(crate) fn storage(msg: impl Into<String>) -> Error {
+    Error::Storage(msg.into())
 }

@@ -17,6 +17,8 @@ pub mod error;
 pub mod gemv;
 pub mod memory;
 pub mod nf4;
+pub mod paged_adamw;
+pub mod pages;
 pub mod parallel;
 pub mod scale;
 
@@ -25,7 +27,7 @@ mod bindings {
     use std::panic::{catch_unwind, AssertUnwindSafe};
 
     use numpy::{PyReadonlyArray1, PyReadwriteArray1};
-    use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+    use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
     use pyo3::prelude::*;
 
     use crate::blockwise8::{self, Code8};
@@ -37,7 +39,10 @@ mod bindings {
     use crate::nf4::{self, Nested, Scales};
 
     fn to_py(e: Error) -> PyErr {
-        PyValueError::new_err(e.to_string())
+        match e {
+            Error::Storage(msg) => PyOSError::new_err(msg),
+            e => PyValueError::new_err(e.to_string()),
+        }
     }
 
     /// Run a kernel with the GIL released; a panic becomes RuntimeError.
@@ -488,6 +493,164 @@ mod bindings {
         with_param!(prm, ps, gs => run(py, || adamw8::adamw8_step_isa(isa, ps, gs, qm, qv, am, av, &h, threads)))
     }
 
+    /// Paged AdamW / AdamW8bit state (rust/src/paged_adamw.rs over the page
+    /// store of rust/src/pages.rs); `inner` is None once closed.
+    #[pyclass(module = "qpeft._native")]
+    struct PagedState {
+        inner: Option<crate::paged_adamw::PagedAdamW>,
+    }
+
+    /// A step item from Python: (param id, p, g, dtype, "adamw" | "adamw8", scalars, maximize).
+    type StepItem<'py> = (usize, Bound<'py, PyAny>, Bound<'py, PyAny>, String, String, Vec<f32>, bool);
+
+    fn paged_hyper(kind: &str, s: &[f32], maximize: bool) -> PyResult<crate::paged_adamw::Hyper> {
+        use crate::adamw::AdamW32;
+        use crate::adamw8::AdamW8;
+        use crate::paged_adamw::Hyper;
+        match (kind, s) {
+            ("adamw", &[decay, lerp_weight, beta2, one_minus_beta2, bc2_sqrt, eps, step_size]) => Ok(Hyper::F32(AdamW32 {
+                decay, lerp_weight, beta2, one_minus_beta2, bc2_sqrt, eps, step_size, maximize,
+            })),
+            ("adamw8", &[beta1, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, decay, step_size]) => Ok(Hyper::Q8(AdamW8 {
+                beta1, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps, decay, step_size, maximize,
+            })),
+            _ => Err(PyValueError::new_err(format!(
+                "step scalars must be 'adamw' with 7 values or 'adamw8' with 8, got {kind:?} with {}",
+                s.len()
+            ))),
+        }
+    }
+
+    impl PagedState {
+        fn get(&mut self) -> PyResult<&mut crate::paged_adamw::PagedAdamW> {
+            self.inner
+                .as_mut()
+                .ok_or_else(|| PyValueError::new_err("this paged optimizer state was closed; create a new optimizer"))
+        }
+    }
+
+    #[pymethods]
+    impl PagedState {
+        #[new]
+        #[pyo3(signature = (page_bytes, max_resident_bytes, state_dir=None))]
+        fn new(page_bytes: usize, max_resident_bytes: usize, state_dir: Option<std::path::PathBuf>) -> PyResult<Self> {
+            use crate::pages::PageStore;
+            let store = match state_dir {
+                None => PageStore::in_host_memory(page_bytes, max_resident_bytes),
+                Some(dir) => PageStore::in_file(&dir, page_bytes, max_resident_bytes),
+            }
+            .map_err(to_py)?;
+            Ok(PagedState { inner: Some(crate::paged_adamw::PagedAdamW::new(store)) })
+        }
+
+        /// Add a parameter with zero state ("f32" or "q8"); returns its id.
+        fn add_param(&mut self, py: Python<'_>, numel: usize, kind: &str) -> PyResult<usize> {
+            use crate::paged_adamw::Kind;
+            let kind = match kind {
+                "f32" => Kind::F32,
+                "q8" => Kind::Q8,
+                other => return Err(PyValueError::new_err(format!("kind must be 'f32' or 'q8', got {other:?}"))),
+            };
+            let inner = self.get()?;
+            run(py, || inner.add_param(numel, kind))
+        }
+
+        #[pyo3(signature = (items, threads, isa=None))]
+        fn step(&mut self, py: Python<'_>, items: Vec<StepItem<'_>>, threads: usize, isa: Option<&str>) -> PyResult<()> {
+            use crate::paged_adamw::{Item, ParamData};
+            let isa = parse_isa(isa)?;
+            let mut prms = Vec::with_capacity(items.len());
+            let mut heads = Vec::with_capacity(items.len());
+            for (id, p, g, dtype, kind, scalars, maximize) in &items {
+                prms.push(param(p, g, dtype)?);
+                heads.push((*id, paged_hyper(kind, scalars, *maximize)?));
+            }
+            let mut work = Vec::with_capacity(items.len());
+            for (prm, (id, hyper)) in prms.iter_mut().zip(heads) {
+                let data = match prm {
+                    Param::F32(a, b) => ParamData::F32 { p: slice_mut(a, "parameter")?, g: slice(b, "gradient")? },
+                    Param::Bf16(a, b) => ParamData::Bf16 {
+                        p: as_elems_mut(slice_mut(a, "parameter")?),
+                        g: as_elems(slice(b, "gradient")?),
+                    },
+                };
+                work.push(Item { param: id, data, hyper });
+            }
+            let inner = self.get()?;
+            run(py, || inner.step(&mut work, isa, threads))
+        }
+
+        /// Copy a float32-state parameter's m and v out (`write` false) or in.
+        fn transfer_f32(
+            &mut self,
+            py: Python<'_>,
+            param: usize,
+            mut m: PyReadwriteArray1<'_, f32>,
+            mut v: PyReadwriteArray1<'_, f32>,
+            write: bool,
+        ) -> PyResult<()> {
+            use crate::paged_adamw::StateMut;
+            let state = StateMut::F32 { m: slice_mut(&mut m, "exp_avg")?, v: slice_mut(&mut v, "exp_avg_sq")? };
+            let inner = self.get()?;
+            run(py, || if write { inner.write_state(param, state) } else { inner.read_state(param, state) })
+        }
+
+        /// Copy an 8-bit-state parameter's codes and scales out (`write` false) or in.
+        #[allow(clippy::too_many_arguments)]
+        fn transfer_q8(
+            &mut self,
+            py: Python<'_>,
+            param: usize,
+            mut qm: PyReadwriteArray1<'_, u8>,
+            mut qv: PyReadwriteArray1<'_, u8>,
+            mut am: PyReadwriteArray1<'_, f32>,
+            mut av: PyReadwriteArray1<'_, f32>,
+            write: bool,
+        ) -> PyResult<()> {
+            use crate::paged_adamw::StateMut;
+            let state = StateMut::Q8 {
+                qm: slice_mut(&mut qm, "state1")?,
+                qv: slice_mut(&mut qv, "state2")?,
+                am: slice_mut(&mut am, "absmax1")?,
+                av: slice_mut(&mut av, "absmax2")?,
+            };
+            let inner = self.get()?;
+            run(py, || if write { inner.write_state(param, state) } else { inner.read_state(param, state) })
+        }
+
+        /// Counters of the page store (bytes and page counts).
+        fn stats(&mut self) -> PyResult<std::collections::HashMap<&'static str, u64>> {
+            let s = self.get()?.stats();
+            Ok([
+                ("page_bytes", s.page_bytes as u64),
+                ("pages", s.pages as u64),
+                ("total_bytes", (s.pages * s.page_bytes) as u64),
+                ("max_resident_bytes", s.max_resident_bytes as u64),
+                ("resident_bytes", s.resident_bytes as u64),
+                ("peak_resident", s.peak_resident_bytes as u64),
+                ("page_ins", s.page_ins),
+                ("page_outs", s.page_outs),
+            ]
+            .into_iter()
+            .collect())
+        }
+
+        /// The backing file, or None for host memory (or once closed).
+        fn path(&self) -> Option<std::path::PathBuf> {
+            self.inner.as_ref().and_then(|p| p.store().backing_path().map(|p| p.to_path_buf()))
+        }
+
+        /// Free the resident pages and remove the backing file.
+        fn close(&mut self) {
+            self.inner = None;
+        }
+
+        #[getter]
+        fn closed(&self) -> bool {
+            self.inner.is_none()
+        }
+    }
+
     #[pymodule]
     #[pyo3(name = "_native")]
     fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -501,6 +664,7 @@ mod bindings {
         m.add_function(wrap_pyfunction!(gemv_4bit, m)?)?;
         m.add_function(wrap_pyfunction!(adamw_step, m)?)?;
         m.add_function(wrap_pyfunction!(adamw8_step, m)?)?;
+        m.add_class::<PagedState>()?;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         Ok(())
     }
