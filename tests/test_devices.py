@@ -353,3 +353,17 @@ def test_copy_pages_gathers_and_scatters():
     odd = torch.zeros(3 * 100, dtype=torch.uint8, device="cuda")  # pages not a multiple of 16 bytes
     _cuda.copy_pages(src[: 10 * 100], odd, index, 100, gather=True)
     assert torch.equal(odd.view(3, 100), src[: 10 * 100].view(10, 100)[index])
+
+
+def test_gpu_check_script_parses_its_arguments():
+    """bench/gpu_check.py runs only on a GPU machine; here: it imports and its options parse."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "checked and measured" in r.stdout and "dequant-speed" in r.stdout
+    r = subprocess.run([sys.executable, str(script), "--only", "nonsense"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown parts" in r.stderr

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Optional
 
@@ -204,9 +205,32 @@ def _scale_args(qs: Any, device: torch.device) -> tuple:
     a2 = _f32(s2.absmax, "state2.absmax", device)
     code2 = _f32(s2.code, "state2.code", device)
     _same_device(device, absmax=q)
-    off = float(qs.offset)
+    off = _offset_value(qs.offset)
     args = (_ptr(None), _ptr(q), _ptr(a2), _ptr(code2), np.float32(off), np.int32(s2.blocksize))
     return args, (q, a2, code2)
+
+
+_offsets: dict[int, tuple] = {}
+
+
+def _offset_value(t: Any) -> float:
+    """The float of a nested state's offset, remembered per tensor (and its version).
+
+    Reading a CUDA scalar synchronizes the device; a matmul per layer per
+    token must not do that, so the value is read once.
+    """
+    if not torch.is_tensor(t) or t.device.type == "cpu":
+        return float(t)
+    hit = _offsets.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == (t._version, t.data_ptr()):
+        return hit[2]
+    value = float(t)
+    try:
+        ref = weakref.ref(t, lambda _, i=id(t): _offsets.pop(i, None))
+    except TypeError:
+        return value
+    _offsets[id(t)] = (ref, (t._version, t.data_ptr()), value)
+    return value
 
 
 def _f32(t: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
