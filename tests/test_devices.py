@@ -285,6 +285,7 @@ def test_adamw8bit_step_tracks_float32_adamw(device, dtype):
     p0 = torch.randn(n, generator=g).to(dtype)
     grads = [torch.randn(n, generator=g).to(dtype) for _ in range(4)]
     grads[2][5] = float("nan")  # resets element 5's state, keeps its weight
+    grads[0][6] = -1e-7  # a negative m far below its block's absmax keeps its sign
     state = [torch.full((n,), 127, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8),
              torch.zeros(41), torch.zeros(41)]
     p = p0.clone().to(device)

@@ -101,6 +101,7 @@ def nvrtc_options(arch: Optional[str] = None) -> tuple[str, ...]:
 
 _lock = threading.Lock()
 _modules: dict[tuple[int, str], Any] = {}
+_kernels: dict[tuple[int, str, str], Any] = {}
 _streams: dict[tuple[int, int], Any] = {}
 _maps: dict[tuple[int, bool], torch.Tensor] = {}
 
@@ -114,26 +115,35 @@ def _cupy():
 
 
 def _function(device: torch.device, file: str, name: str):
+    """The kernel ``name`` of ``file`` for this device, compiled (and cached) on first use."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, file)
-    mod = _modules.get(key)
-    if mod is None:
-        cupy = _cupy()
-        with _lock:
-            mod = _modules.get(key)
-            if mod is None:
-                try:
-                    with cupy.cuda.Device(index):
-                        mod = cupy.RawModule(code=kernel_source(file), options=nvrtc_options(), backend="nvrtc")
-                        mod.compile()
-                except cupy.cuda.compiler.CompileException as e:
+    key = (index, file, name)
+    fn = _kernels.get(key)
+    if fn is not None:
+        return fn, index
+    cupy = _cupy()
+    with _lock:
+        fn = _kernels.get(key)
+        if fn is None:
+            try:
+                with cupy.cuda.Device(index):
+                    mod = _modules.get((index, file))
+                    if mod is None:
+                        mod = _modules[(index, file)] = cupy.RawModule(
+                            code=kernel_source(file), options=nvrtc_options(), backend="nvrtc"
+                        )
+                    # The first kernel taken from a module compiles it.
+                    fn = _kernels[key] = mod.get_function(name)
+            except Exception as e:  # CuPy's error classes live in different modules across versions
+                kind = type(e).__name__
+                if kind == "CompileException":
                     raise RuntimeError(f"qpeft could not compile its CUDA kernels ({file}): {e}") from e
-                except cupy.cuda.runtime.CUDARuntimeError as e:
+                if kind in ("CUDARuntimeError", "CUDADriverError"):
                     raise RuntimeError(
                         f"the CUDA runtime is not usable ({e}); check the driver, or reinstall CuPy: {_INSTALL_HINT}"
                     ) from e
-                _modules[key] = mod
-    return mod.get_function(name), index
+                raise
+    return fn, index
 
 
 def _launch(device: torch.device, file: str, name: str, grid: int, block: int, args: tuple) -> None:

@@ -22,9 +22,13 @@ struct F16 { typedef u16 T; };
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {
+#ifdef QPEFT_HOST_EMULATION  // tests/cuda_emulator.py runs the kernels on the CPU
+    return qpeft_host_f16_to_f32(h);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#endif
 }
 
 // Round to nearest even; NaN becomes 0x7fc0 (elem.rs f32_to_bf16_bits).
@@ -39,9 +43,13 @@ __device__ __forceinline__ u16 f32_to_bf16(float v) {
 __device__ __forceinline__ u16 f32_to_f16(float v) {
     u32 bits = __float_as_uint(v);
     if ((bits & 0x7fffffffu) > 0x7f800000u) return (u16)(0x7e00u | ((bits >> 16) & 0x8000u));
+#ifdef QPEFT_HOST_EMULATION
+    return qpeft_host_f32_to_f16(v);
+#else
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
     return h;
+#endif
 }
 
 template <class E> struct Elem;
