@@ -57,6 +57,12 @@ import torch.nn.functional as F
 
 RESULTS: dict = {"checks": {}, "figures": {}, "targets": {}}
 FAILED: list[str] = []
+#: Where the checked side runs: "cuda", or "cpu" for --cpu-smoke (the
+#: script's own code paths on a machine without a GPU; CPU against CPU,
+#: small shapes, no figures worth reading).
+DEV = "cuda"
+#: Matrix shapes of the figures (shrunk by --cpu-smoke).
+SHAPES = ((4096, 4096), (8192, 28672))
 
 
 def log(msg: str = "") -> None:
@@ -97,6 +103,13 @@ def bench(fn, warmup: int = 3, reps: int = 20) -> float:
     """Median seconds per call, timed with CUDA events."""
     for _ in range(warmup):
         fn()
+    if DEV == "cpu":
+        times = []
+        for _ in range(min(reps, 3)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
@@ -140,7 +153,7 @@ def optional(module: str):
 
 
 def check_quantize(qpeft, bnbF) -> None:
-    dev = "cuda"
+    dev = DEV
     g = torch.Generator().manual_seed(0)
     mismatches = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -191,7 +204,7 @@ def check_blockwise8(qpeft, bnbF) -> None:
         for bs in (16, 64, 256, 4096, 65536):
             x = torch.randn(bs * 3 + 7, generator=g).to(dtype)
             qc, sc = qpeft.quantize_blockwise(x, blocksize=bs)
-            qg, sg = qpeft.quantize_blockwise(x.cuda(), blocksize=bs)
+            qg, sg = qpeft.quantize_blockwise(x.to(DEV, copy=True), blocksize=bs)
             ok = torch.equal(qg.cpu(), qc) and torch.equal(sg.absmax.cpu(), sc.absmax)
             ok = ok and torch.equal(qpeft.dequantize_blockwise(qg, sg).cpu(), qpeft.dequantize_blockwise(qc, sc))
             if not ok:
@@ -200,7 +213,7 @@ def check_blockwise8(qpeft, bnbF) -> None:
     if bnbF is None:
         skip("quantize_blockwise vs bitsandbytes CUDA", "bitsandbytes not importable")
         return
-    x = torch.randn(1 << 22, generator=g).cuda()
+    x = torch.randn(1 << 22, generator=g).to(DEV, copy=True)
     ours, st = qpeft.quantize_blockwise(x, blocksize=256)
     theirs, bst = bnbF.quantize_blockwise(x, blocksize=256)
     diff = int((ours != theirs).sum())
@@ -214,13 +227,13 @@ def check_gemv(qpeft) -> None:
     for (n, k, bs, nested) in ((4096, 4096, 64, True), (1000, 2048 + 32, 128, False), (333, 771, 32, True),
                                (512, 28672 // 4, 4096, True)):
         w = torch.randn(n, k) * 0.02
-        packed, st = qpeft.quantize_4bit(w.cuda(), blocksize=bs, compress_statistics=nested)
+        packed, st = qpeft.quantize_4bit(w.to(DEV, copy=True), blocksize=bs, compress_statistics=nested)
         st32 = copy.copy(st)
         st32.dtype = torch.float32
         w32 = qpeft.dequantize_4bit(packed, st32)
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for tokens in (1, 2, 4, 7, 16, 21):
-                x = torch.randn(tokens, k, device="cuda").to(dtype)
+                x = torch.randn(tokens, k, device=DEV).to(dtype)
                 y = qpeft.gemv_4bit(x, packed, st)
                 want = F.linear(x.float(), w32)
                 mag = F.linear(x.float().abs(), w32.abs())
@@ -242,26 +255,29 @@ def check_optimizers(qpeft) -> None:
         p0 = torch.randn(n, generator=g).to(dtype)
         grads = [torch.randn(n, generator=g).to(dtype) for _ in range(3)]
         pc, mc, vc = p0.clone(), torch.zeros(n), torch.zeros(n)
-        pg, mg, vg = p0.cuda(), torch.zeros(n, device="cuda"), torch.zeros(n, device="cuda")
+        pg, mg, vg = p0.to(DEV, copy=True), torch.zeros(n, device=DEV), torch.zeros(n, device=DEV)
         for step, gr in enumerate(grads, 1):
             QF.adamw_step(pc, gr, mc, vc, step=step, lr=1e-3, weight_decay=0.01)
-            QF.adamw_step(pg, gr.cuda(), mg, vg, step=step, lr=1e-3, weight_decay=0.01)
+            QF.adamw_step(pg, gr.to(DEV, copy=True), mg, vg, step=step, lr=1e-3, weight_decay=0.01)
         same = torch.equal(pg.cpu(), pc) and torch.equal(mg.cpu(), mc) and torch.equal(vg.cpu(), vc)
         check(f"adamw_step {dtype}: CUDA bits == CPU bits (3 steps)", same)
         grads[1][17] = float("inf")  # the 8-bit step resets that element's state
         blocks = -(-n // 256)
         stc = [torch.full((n,), 127, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8), torch.zeros(blocks),
                torch.zeros(blocks)]
-        stg = [t.cuda() for t in stc]
-        pc, pg = p0.clone(), p0.cuda()
+        stg = [t.to(DEV, copy=True) for t in stc]
+        pc, pg = p0.clone(), p0.to(DEV, copy=True)
         for step, gr in enumerate(grads, 1):
             QF.adamw8bit_step(pc, gr, *stc, step=step, lr=1e-3, weight_decay=0.01)
-            QF.adamw8bit_step(pg, gr.cuda(), *stg, step=step, lr=1e-3, weight_decay=0.01)
+            QF.adamw8bit_step(pg, gr.to(DEV, copy=True), *stg, step=step, lr=1e-3, weight_decay=0.01)
         same = torch.equal(pg.cpu(), pc) and all(torch.equal(a.cpu(), b) for a, b in zip(stg, stc))
         check(f"adamw8bit_step {dtype}: CUDA bits == CPU bits (3 steps, one inf gradient)", same)
 
 
 def check_pages() -> None:
+    if DEV == "cpu":
+        skip("copy_pages", "CUDA only")
+        return
     from qpeft import _cuda
 
     src = torch.randint(0, 256, (64 * 4096,), dtype=torch.uint8, device="cuda")
@@ -281,8 +297,8 @@ def check_pages() -> None:
 
 
 def fig_dequantize(qpeft, bnbF, peak) -> None:
-    for n, k in ((4096, 4096), (8192, 28672)):
-        w = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
+    for n, k in SHAPES:
+        w = (torch.randn(n, k, device=DEV) * 0.02).bfloat16()
         packed, st = qpeft.quantize_4bit(w, blocksize=64, compress_statistics=True)
         out = torch.empty_like(w)
         t = bench(lambda: qpeft.dequantize_4bit(packed, st, out=out))
@@ -300,7 +316,7 @@ def fig_dequantize(qpeft, bnbF, peak) -> None:
             line += f"; bitsandbytes {tb * 1e6:.1f} us ({tb / t:.2f}x)"
         RESULTS["figures"][f"dequantize {n}x{k}"] = fig
         log("   dequantize NF4+DQ -> bf16 " + line)
-        if n == 8192:
+        if (n, k) == SHAPES[-1]:
             if peak:
                 target("dequantize >= 75% of memory bandwidth (8192x28672)", moved / t / peak >= 0.75, line)
             if bnbF is not None:
@@ -308,15 +324,15 @@ def fig_dequantize(qpeft, bnbF, peak) -> None:
 
 
 def fig_gemv(qpeft, bnb) -> None:
-    for n, k in ((4096, 4096), (8192, 28672)):
-        w = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
+    for n, k in SHAPES:
+        w = (torch.randn(n, k, device=DEV) * 0.02).bfloat16()
         packed, st = qpeft.quantize_4bit(w, blocksize=64, compress_statistics=True)
         wd = qpeft.dequantize_4bit(packed, st)  # the dense bf16 weight F.linear reads
         if bnb is not None:
             bp, bst = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
         for tokens in (1, 4, 16):
-            x = torch.randn(tokens, k, device="cuda").bfloat16()
-            out = torch.empty(tokens, n, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(tokens, k, device=DEV).bfloat16()
+            out = torch.empty(tokens, n, device=DEV, dtype=torch.bfloat16)
             with torch.no_grad():
                 t_q = bench(lambda: qpeft.gemv_4bit(x, packed, st, out=out), reps=50)
                 t_l = bench(lambda: F.linear(x, wd), reps=50)
@@ -329,32 +345,32 @@ def fig_gemv(qpeft, bnb) -> None:
             if t_b is not None:
                 line += f" | bnb.matmul_4bit {t_b * 1e6:7.1f} us ({t_b / t_q:.2f}x)"
             log("   " + line)
-            if n == 8192 and tokens == 1:
+            if (n, k) == SHAPES[-1] and tokens == 1:
                 target("4-bit matmul, 1 token, 8192x28672: >= 2.5x bf16 F.linear", t_l / t_q >= 2.5, line)
                 if t_b is not None:
                     target("4-bit matmul, 1 token, 8192x28672: faster than bitsandbytes", t_b > t_q, line)
 
 
 def fig_adamw8bit(qpeft, bnb) -> None:
-    n = 64 * 1024 * 1024
-    p = torch.nn.Parameter(torch.randn(n, device="cuda") * 0.02)
-    p.grad = torch.randn(n, device="cuda") * 1e-3
+    n = 64 * 1024 * 1024 if DEV == "cuda" else 1 << 20
+    p = torch.nn.Parameter(torch.randn(n, device=DEV) * 0.02)
+    p.grad = torch.randn(n, device=DEV) * 1e-3
     opt = qpeft.optim.AdamW8bit([p], lr=1e-4)
     t_q = bench(opt.step, warmup=2, reps=10)
     fig = {"qpeft AdamW8bit": t_q}
-    line = f"67.1M float32 params: qpeft AdamW8bit {t_q * 1e3:.2f} ms"
+    line = f"{n / 1e6:.1f}M float32 params: qpeft AdamW8bit {t_q * 1e3:.2f} ms"
     opt32 = qpeft.optim.AdamW([p], lr=1e-4)
     fig["qpeft AdamW"] = bench(opt32.step, warmup=2, reps=10)
-    fused = torch.optim.AdamW([p], lr=1e-4, fused=True)
+    fused = torch.optim.AdamW([p], lr=1e-4, fused=DEV == "cuda")
     fig["torch AdamW fused"] = bench(fused.step, warmup=2, reps=10)
     line += f" | qpeft AdamW {fig['qpeft AdamW'] * 1e3:.2f} ms | torch fused AdamW {fig['torch AdamW fused'] * 1e3:.2f} ms"
-    if bnb is not None:
+    if bnb is not None and DEV == "cuda":
         bopt = bnb.optim.AdamW8bit([p], lr=1e-4)
         fig["bnb AdamW8bit"] = bench(bopt.step, warmup=2, reps=10)
         line += f" | bitsandbytes AdamW8bit {fig['bnb AdamW8bit'] * 1e3:.2f} ms ({fig['bnb AdamW8bit'] / t_q:.2f}x)"
     RESULTS["figures"]["adamw"] = fig
     log("   " + line)
-    if bnb is not None:
+    if "bnb AdamW8bit" in fig:
         target("AdamW8bit at least as fast as bitsandbytes", t_q <= fig["bnb AdamW8bit"], line)
 
 
@@ -371,7 +387,7 @@ def fig_qlora(qpeft) -> None:
     folder = hf.model_folder()
     model, tok = hf.load_model(folder, dtype=torch.bfloat16)
     text = ["The capital of France is Paris, and the capital of Italy is Rome."] * 8
-    batch = tok(text, return_tensors="pt", padding=True).to("cuda")
+    batch = tok(text, return_tensors="pt", padding=True).to(DEV)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
     def run(m, opt, label):
@@ -383,16 +399,18 @@ def fig_qlora(qpeft) -> None:
             return loss
 
         first = step().item()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         t = bench(step, warmup=1, reps=5)
-        peak = torch.cuda.max_memory_allocated() / 2**20
+        peak = torch.cuda.max_memory_allocated() / 2**20 if DEV == "cuda" else float("nan")
         last = m(**batch, labels=labels).loss.item()
         RESULTS["figures"][f"qlora step {label}"] = {"seconds": t, "peak_MiB": peak, "loss_first": first, "loss_after": last}
-        log(f"   {label}: {t * 1e3:.1f} ms/step, peak {peak:.0f} MiB, loss {first:.3f} -> {last:.3f} after 9 steps")
+        log(f"   {label}: {t * 1e3:.1f} ms/step, peak {peak:.0f} MiB, loss {first:.3f} -> {last:.3f} after "
+            f"{5 + (1 if DEV == 'cpu' else 6)} steps")
         return first, last
 
-    ours = qpeft.quantize_model(copy.deepcopy(model)).cuda()
+    ours = qpeft.quantize_model(copy.deepcopy(model)).to(DEV)
     qm = qpeft.tuners.get_peft_model(ours, qpeft.tuners.LoraConfig(target_modules="all-linear", r=16, lora_alpha=32))
     qm.train()
     qopt = qpeft.optim.AdamW8bit([p for p in qm.parameters() if p.requires_grad], lr=1e-3)
@@ -401,8 +419,8 @@ def fig_qlora(qpeft) -> None:
     del qm, ours, qopt
     torch.cuda.empty_cache()
     bnb = optional("bitsandbytes")
-    if peft is None or bnb is None:
-        skip("transformers+PEFT+bitsandbytes QLoRA step", "peft or bitsandbytes missing")
+    if peft is None or bnb is None or DEV == "cpu":
+        skip("transformers+PEFT+bitsandbytes QLoRA step", "peft or bitsandbytes missing, or no GPU")
         return
     cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=torch.bfloat16)
@@ -430,29 +448,37 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tbs", type=float, default=None, help="the card's memory bandwidth in TB/s (default: by name)")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--strict", action="store_true", help="a missed performance target also fails the run")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="no GPU: run this script's code paths on the CPU with small shapes (CPU against itself)")
     args = ap.parse_args(argv)
     parts = [p for p in (args.only.split(",") if args.only else PARTS) if p and p not in args.skip.split(",")]
     unknown = set(parts) - set(PARTS)
     if unknown:
         ap.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
-    if not torch.cuda.is_available():
-        log("gpu_check: no CUDA device visible to torch; this script needs a GPU machine")
+    global DEV, SHAPES
+    if args.cpu_smoke:
+        DEV, SHAPES = "cpu", ((256, 512), (512, 1024))
+    elif not torch.cuda.is_available():
+        log("gpu_check: no CUDA device visible to torch; this script needs a GPU machine (or --cpu-smoke)")
         return 2
     import qpeft
 
-    if optional("cupy") is None:
+    if DEV == "cuda" and optional("cupy") is None:
         log('gpu_check: CuPy is missing; qpeft compiles its kernels with it: pip install "qpeft[cuda13]"')
         return 2
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if DEV == "cuda" else "CPU (smoke run)"
     peak = peak_bandwidth(name, args.peak_tbs)
     RESULTS["device"] = {"name": name, "peak_bytes_per_s": peak, "torch": torch.__version__,
                          "cuda": torch.version.cuda}
+    if DEV == "cpu":
+        peak = None
     log(f"device: {name}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
         f"memory bandwidth {peak / 1e12 if peak else 'unknown'} TB/s, qpeft from {qpeft.__file__}")
-    bnb = optional("bitsandbytes")
+    # On the CPU, bitsandbytes follows other rules (and lacks some ops): no comparison there.
+    bnb = optional("bitsandbytes") if DEV == "cuda" else None
     bnbF = bnb.functional if bnb is not None else None
     t0 = time.time()
-    section("compile kernels (first use)", lambda: qpeft.quantize_4bit(torch.ones(64, device="cuda")))
+    section("compile kernels (first use)", lambda: qpeft.quantize_4bit(torch.ones(64, device=DEV)))
     runs = {
         "quantize": ("4-bit quantization", check_quantize, qpeft, bnbF),
         "blockwise8": ("8-bit blockwise quantization", check_blockwise8, qpeft, bnbF),

@@ -356,6 +356,7 @@ def test_copy_pages_gathers_and_scatters():
     assert torch.equal(odd.view(3, 100), src[: 10 * 100].view(10, 100)[index])
 
 
+@pytest.mark.slow
 def test_gpu_check_script_parses_its_arguments():
     """bench/gpu_check.py runs only on a GPU machine; here: it imports and its options parse."""
     import subprocess
@@ -368,3 +369,8 @@ def test_gpu_check_script_parses_its_arguments():
     assert "checked and measured" in r.stdout and "dequant-speed" in r.stdout
     r = subprocess.run([sys.executable, str(script), "--only", "nonsense"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown parts" in r.stderr
+    # Its checking code itself, on the CPU against the CPU (a few parts; the rest take minutes here).
+    r = subprocess.run([sys.executable, str(script), "--cpu-smoke", "--only", "gemv,optim,pages,matmul-speed"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "PASS  adamw8bit_step" in r.stdout and "FAIL" not in r.stdout
