@@ -336,6 +336,24 @@ def test_optimizer_classes_keep_their_state_with_the_parameters(device, cls):
 # --------------------------------------------------------------- pages
 
 
+def test_functional_copy_pages_on_every_device(device):
+    src = torch.randint(0, 256, (10 * 48,), dtype=torch.uint8).to(device)
+    index = torch.tensor([7, 2, 9])
+    dst = torch.zeros(3 * 48, dtype=torch.uint8, device=device)
+    QF.copy_pages(src, dst, index, 48)
+    assert torch.equal(dst.view(3, 48).cpu(), src.view(10, 48).cpu()[index])
+    back = torch.zeros_like(src)
+    QF.copy_pages(dst, back, index.to(device), 48, gather=False)
+    assert torch.equal(back.view(10, 48).cpu()[index], src.view(10, 48).cpu()[index])
+    with pytest.raises(ValueError, match=r"page numbers in \[0, 10\)"):
+        QF.copy_pages(src, dst, torch.tensor([10]), 48)
+    with pytest.raises(ValueError, match="whole number"):
+        QF.copy_pages(src, dst, index, 50)
+    with pytest.raises(TypeError, match="int64"):
+        QF.copy_pages(src, dst, index.int(), 48)
+
+
+
 @pytest.mark.gpu
 @_CUDA_SKIP
 def test_copy_pages_gathers_and_scatters():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import threading
 import weakref
+from contextlib import nullcontext as _nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -402,25 +403,24 @@ def copy_pages(src: torch.Tensor, dst: torch.Tensor, index: torch.Tensor, page_b
 
     ``gather``: page i of ``dst`` = page ``index[i]`` of ``src``; otherwise
     page ``index[i]`` of ``dst`` = page i of ``src``. Runs on ``stream``
-    (a side stream of a paged optimizer) or the current stream. ``index``
-    is an int64 CUDA tensor whose entries the caller has checked.
+    (a side stream of a paged optimizer) or the current stream; a CPU
+    ``index`` is copied to the device on that same stream. The caller
+    (``functional.copy_pages``) has checked sizes and page numbers.
     """
     device = dst.device
-    _same_device(device, src=src, index=index)
+    _same_device(device, src=src)
     if index.dtype != torch.int64:
         raise TypeError(f"index must be int64, got {index.dtype}")
-    if isinstance(page_bytes, bool) or not isinstance(page_bytes, int) or page_bytes <= 0:
-        raise ValueError(f"page_bytes must be a positive int, got {page_bytes!r}")
-    index = index.contiguous()
     n_pages = index.numel()
     if not n_pages:
         return
     vec = page_bytes % 16 == 0 and src.data_ptr() % 16 == 0 and dst.data_ptr() % 16 == 0
     words = n_pages * (page_bytes // 16 if vec else page_bytes)
     grid = min(_grid(words, _THREADS), _sm_count(device) * 16)
-    args = (_ptr(src), _ptr(dst), _ptr(index), np.int64(n_pages), np.int64(page_bytes), np.int32(gather), np.int32(vec))
-    if stream is None:
+    with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+        index = index.to(device).contiguous()
+        args = (_ptr(src), _ptr(dst), _ptr(index), np.int64(n_pages), np.int64(page_bytes), np.int32(gather),
+                np.int32(vec))
         _launch(device, "pages.cu", "copy_pages", grid, _THREADS, args)
-    else:
-        with torch.cuda.stream(stream):
-            _launch(device, "pages.cu", "copy_pages", grid, _THREADS, args)
+        if index.device.type == "cuda" and stream is not None:
+            index.record_stream(stream)  # the copy may outlive this call on the side stream

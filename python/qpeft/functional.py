@@ -55,6 +55,7 @@ __all__ = [
     "OPTIM_BLOCKSIZE",
     "adamw_step",
     "adamw8bit_step",
+    "copy_pages",
 ]
 
 #: Block sizes accepted for 4-bit quantization (as bitsandbytes >= 0.50).
@@ -424,7 +425,8 @@ def quantize_4bit(
     """Quantize a tensor to 4 bits in blocks (the signature of bitsandbytes' function).
 
     Args:
-        A: float32/float16/bfloat16 CPU tensor of any shape; finite values.
+        A: float32/float16/bfloat16 CPU or CUDA tensor of any shape; finite values
+            (the result and state live on A's device; CUDA gives the CPU's bytes).
         absmax: optional float32 tensor of ``ceil(n/blocksize)`` to receive the scales.
         out: optional uint8 tensor of ``(n+1)//2`` elements to receive the packed codes.
         blocksize: elements per block, one of :data:`BLOCK_SIZES`.
@@ -611,7 +613,8 @@ def gemv_4bit(
     autograd history (A is read detached).
 
     Args:
-        A: float32/bfloat16/float16 CPU tensor of shape ``[..., K]``; every
+        A: float32/bfloat16/float16 CPU or CUDA tensor (B and the state on the
+            same device) of shape ``[..., K]``; every
             leading index is a token.
         B: the packed weight :func:`quantize_4bit` returned (any storage dtype).
         quant_state: its qpeft or bitsandbytes ``QuantState`` (nested or not);
@@ -908,7 +911,8 @@ def _as_f32_scalar(x: Any) -> torch.Tensor:
 def linear_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
     """``x @ W.T`` for a 4-bit ``W`` (no bias, no autograd), by the faster path for its size.
 
-    Few tokens (at most :data:`GEMV_MAX_TOKENS`): the fused :func:`gemv_4bit`
+    Few tokens (at most :data:`GEMV_MAX_TOKENS` on the CPU,
+    ``qpeft._cuda.GEMV_MAX_TOKENS`` on a GPU): the fused :func:`gemv_4bit`
     kernel, which never builds a dense weight. More tokens: dequantize into
     ``x``'s dtype and ``F.linear`` (a dense matmul amortizes the dequantize).
     """
@@ -1064,7 +1068,8 @@ def adamw_step(
         param     -= lr / (1 - beta1**step) * exp_avg / (sqrt(exp_avg_sq / (1 - beta2**step)) + eps)
 
     Args:
-        param: float32 or bfloat16 contiguous CPU tensor (bfloat16 is updated
+        param: float32 or bfloat16 contiguous CPU or CUDA tensor, the other
+            tensors on its device (bfloat16 is updated
             in float32 and rounded to nearest even once).
         grad: its gradient, same dtype and shape (dense).
         exp_avg, exp_avg_sq: contiguous float32 tensors with ``param.numel()`` elements.
@@ -1127,7 +1132,8 @@ def adamw8bit_step(
     into the whole block.
 
     Args:
-        param: float32 or bfloat16 contiguous CPU tensor.
+        param: float32 or bfloat16 contiguous CPU or CUDA tensor (the other
+            tensors on its device; CUDA gives the CPU's bits).
         grad: its dense gradient, same dtype and shape.
         state1, state2: contiguous uint8 tensors with ``param.numel()`` elements.
         absmax1, absmax2: contiguous float32 tensors with ``ceil(numel / 256)`` elements.
@@ -1158,3 +1164,62 @@ def adamw8bit_step(
         _flat_view(param), _flat_view(g), _flat_view(state1), _flat_view(state2), _flat_view(absmax1),
         _flat_view(absmax2), dtype, **h, threads=_threads(),
     )
+
+
+# ------------------------------------------------------------------ pages
+
+
+def copy_pages(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    index: torch.Tensor,
+    page_bytes: int,
+    *,
+    gather: bool = True,
+    stream: Optional["torch.cuda.Stream"] = None,
+) -> None:
+    """Move whole pages of bytes between two buffers (for a paged optimizer).
+
+    ``gather=True``: page ``i`` of ``dst`` = page ``index[i]`` of ``src``;
+    ``gather=False``: page ``index[i]`` of ``dst`` = page ``i`` of ``src``.
+    On CUDA tensors this is one kernel launch on ``stream`` (a side stream
+    that overlaps the copies with compute; the caller orders it with events)
+    or on the current stream; on CPU tensors, torch indexing.
+
+    Args:
+        src, dst: contiguous uint8 tensors on one device, whole pages each.
+        index: int64 page numbers (on the CPU, or on the buffers' device;
+            a CUDA index is range-checked with one synchronization).
+        page_bytes: bytes per page (> 0).
+    """
+    for name, t in (("src", src), ("dst", dst), ("index", index)):
+        _check_tensor(name, t)
+    if src.dtype != torch.uint8 or dst.dtype != torch.uint8:
+        raise TypeError(f"src and dst must be uint8 byte buffers, got {src.dtype} and {dst.dtype}")
+    if index.dtype != torch.int64 or index.dim() != 1:
+        raise TypeError(f"index must be a 1-D int64 tensor, got {index.dtype} with shape {tuple(index.shape)}")
+    if isinstance(page_bytes, bool) or not isinstance(page_bytes, int) or page_bytes <= 0:
+        raise ValueError(f"page_bytes must be a positive int, got {page_bytes!r}")
+    if src.device != dst.device:
+        raise ValueError(f"src is on {src.device} but dst on {dst.device}; both buffers must be on one device")
+    if not (src.is_contiguous() and dst.is_contiguous()):
+        raise ValueError("src and dst must be contiguous")
+    cuda = _on_cuda("src", src)
+    for name, t in (("src", src), ("dst", dst)):
+        if t.numel() % page_bytes:
+            raise ValueError(f"{name} has {t.numel()} bytes, not a whole number of {page_bytes}-byte pages")
+    n_pages = index.numel()
+    many, few = (src, dst) if gather else (dst, src)
+    if few.numel() < n_pages * page_bytes:
+        raise ValueError(f"{n_pages} pages of {page_bytes} bytes do not fit in {few.numel()} bytes")
+    if n_pages and (int(index.min()) < 0 or int(index.max()) >= many.numel() // page_bytes):
+        raise ValueError(f"index must hold page numbers in [0, {many.numel() // page_bytes}), "
+                         f"got {int(index.min())}..{int(index.max())}")
+    if cuda:
+        _cuda.copy_pages(src, dst, index, page_bytes, bool(gather), stream)
+        return
+    s_pages, d_pages = src.view(-1, page_bytes), dst.view(-1, page_bytes)
+    if gather:
+        d_pages[:n_pages] = s_pages[index]
+    else:
+        d_pages[index] = s_pages[:n_pages]
