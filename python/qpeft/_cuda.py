@@ -90,9 +90,11 @@ def nvrtc_options(arch: Optional[str] = None) -> tuple[str, ...]:
     ``--fmad=false`` keeps any multiply-add the code does not spell as an
     FMA from being contracted into one (the kernels write every rounding
     explicitly, this is the safety net); division and square root stay
-    IEEE-rounded and denormals are kept, as on the CPU.
+    IEEE-rounded and denormals are kept, as on the CPU. The C++ dialect is
+    NVRTC's default (C++17 since CUDA 12), not named, so that it cannot clash
+    with one CuPy adds.
     """
-    opts = ["--std=c++17", "--fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true"]
+    opts = ["--fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true"]
     if arch is not None:
         opts.append(f"--gpu-architecture={arch}")
     return tuple(opts)
