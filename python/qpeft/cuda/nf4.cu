@@ -73,9 +73,11 @@ __device__ void quantize_4bit(const typename E::T* __restrict__ x, u8* __restric
 
 // ----------------------------------------------------------- dequantize
 //
-// 32 elements (16 packed bytes, one vector load) per thread. Every block
-// size is a multiple of 32, so the 32 elements share one scale, which is
-// dequantized here when it is nested:
+// A thread block covers 32 * blockDim.x elements as 4 rounds of 8 elements
+// per thread (4 packed bytes in, 8 values out), thread t taking group
+// t + j * blockDim.x in round j: every warp-wide load and store is one
+// contiguous run of memory. Every block size is a multiple of 8, so the 8
+// elements share one scale, which is dequantized here when it is nested:
 // code2[qabsmax[b]] * absmax2[b / bs2] + offset, multiply then add.
 struct Scales4 {
     const float* absmax;  // plain scales, or nullptr when nested
@@ -85,35 +87,25 @@ struct Scales4 {
     float offset;
     int bs2;
     __device__ __forceinline__ float get(i64 b) const {
-        if (absmax) return absmax[b];
-        return __fadd_rn(__fmul_rn(__ldg(code2 + qabsmax[b]), __ldg(absmax2 + b / bs2)), offset);
+        if (absmax) return __ldg(absmax + b);
+        return __fadd_rn(__fmul_rn(__ldg(code2 + __ldg(qabsmax + b)), __ldg(absmax2 + b / bs2)), offset);
     }
 };
 
+// 8 values to 8 consecutive outputs (32 bytes of float32 or 16 of 16-bit).
 template <class E>
-__device__ __forceinline__ void store32(typename E::T* out, const float* v);
-template <>
-__device__ __forceinline__ void store32<F32>(float* out, const float* v) {
-    float4* o = reinterpret_cast<float4*>(out);
-#pragma unroll
-    for (int q = 0; q < 8; ++q) o[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
-}
-template <class E>
-__device__ __forceinline__ void store32_16(u16* out, const float* v) {
-    uint4* o = reinterpret_cast<uint4*>(out);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
+__device__ __forceinline__ void store8(typename E::T* out, const float* v) {
+    if constexpr (sizeof(typename E::T) == 4) {
+        float4* o = reinterpret_cast<float4*>(out);
+        o[0] = make_float4(v[0], v[1], v[2], v[3]);
+        o[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
         u32 w[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
-            w[i] = (u32)Elem<E>::store(v[8 * q + 2 * i]) | ((u32)Elem<E>::store(v[8 * q + 2 * i + 1]) << 16);
-        o[q] = make_uint4(w[0], w[1], w[2], w[3]);
+        for (int i = 0; i < 4; ++i) w[i] = (u32)Elem<E>::store(v[2 * i]) | ((u32)Elem<E>::store(v[2 * i + 1]) << 16);
+        *reinterpret_cast<uint4*>(out) = make_uint4(w[0], w[1], w[2], w[3]);
     }
 }
-template <>
-__device__ __forceinline__ void store32<BF16>(u16* out, const float* v) { store32_16<BF16>(out, v); }
-template <>
-__device__ __forceinline__ void store32<F16>(u16* out, const float* v) { store32_16<F16>(out, v); }
 
 template <class E>
 __device__ void dequantize_4bit(const u8* __restrict__ packed, Scales4 sc, typename E::T* __restrict__ out,
@@ -121,25 +113,28 @@ __device__ void dequantize_4bit(const u8* __restrict__ packed, Scales4 sc, typen
     __shared__ float table[16];
     if (threadIdx.x < 16) table[threadIdx.x] = QPEFT_CODE4[fp4 ? 1 : 0][threadIdx.x];
     __syncthreads();
-    const i64 e0 = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * 32;
-    if (e0 >= n) return;
-    const float s = sc.get(e0 / bs);
-    if (e0 + 32 <= n) {
-        const uint4 q = __ldg(reinterpret_cast<const uint4*>(packed + e0 / 2));
-        const u32 w[4] = {q.x, q.y, q.z, q.w};
-        float v[32];
+    const i64 tile = (i64)blockIdx.x * blockDim.x * 32;
 #pragma unroll
-        for (int i = 0; i < 16; ++i) {
-            u32 byte = (w[i / 4] >> (8 * (i % 4))) & 0xffu;
-            v[2 * i] = __fmul_rn(table[byte >> 4], s);
-            v[2 * i + 1] = __fmul_rn(table[byte & 15u], s);
-        }
-        store32<E>(out + e0, v);
-    } else {
-        for (i64 e = e0; e < n; ++e) {
-            u32 byte = packed[e >> 1];
-            u32 c = (e & 1) ? (byte & 15u) : (byte >> 4);
-            out[e] = Elem<E>::store(__fmul_rn(table[c], s));
+    for (int j = 0; j < 4; ++j) {
+        const i64 e0 = tile + ((i64)j * blockDim.x + threadIdx.x) * 8;
+        if (e0 >= n) continue;
+        const float s = sc.get(e0 / bs);
+        if (e0 + 8 <= n) {
+            const u32 w = __ldg(reinterpret_cast<const u32*>(packed + e0 / 2));
+            float v[8];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const u32 byte = (w >> (8 * i)) & 0xffu;
+                v[2 * i] = __fmul_rn(table[byte >> 4], s);
+                v[2 * i + 1] = __fmul_rn(table[byte & 15u], s);
+            }
+            store8<E>(out + e0, v);
+        } else {
+            for (i64 e = e0; e < n; ++e) {
+                const u32 byte = packed[e >> 1];
+                const u32 c = (e & 1) ? (byte & 15u) : (byte >> 4);
+                out[e] = Elem<E>::store(__fmul_rn(table[c], s));
+            }
         }
     }
 }
