@@ -571,13 +571,16 @@ def test_sparse_gradients_are_rejected():
             cls(emb.parameters()).step()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_parameters_say_the_kernels_come_later():
-    with pytest.raises(NotImplementedError, match="CUDA kernels"):
-        AdamW([torch.nn.Parameter(torch.randn(3, device="cuda"))])
+def test_cuda_state_must_live_with_the_parameter():
+    # CUDA parameters run on the CUDA kernels (tests/test_devices.py); state
+    # on another device is a clear error, not a silent copy.
     p = torch.randn(3, device="cuda")
-    with pytest.raises(NotImplementedError, match="CUDA kernels"):
+    with pytest.raises(ValueError, match="keep the state with the parameter"):
         F.adamw_step(p, p.clone(), torch.zeros(3), torch.zeros(3), step=1, lr=1e-3)
+    with pytest.raises(ValueError, match="grad is on cpu"):
+        F.adamw_step(p, p.cpu(), torch.zeros(3, device="cuda"), torch.zeros(3, device="cuda"), step=1, lr=1e-3)
 
 
 def test_functional_validation():

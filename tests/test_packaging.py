@@ -81,3 +81,15 @@ def test_native_stub_lists_every_export():
     declared = {n.name for n in stub.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     exported = {n for n in dir(native) if not n.startswith("_") and callable(getattr(native, n))}
     assert declared == exported
+
+
+def test_wheel_ships_the_cuda_sources(wheel):
+    """The CUDA kernels are compiled at run time from sources inside the package."""
+    import zipfile
+
+    from qpeft import _cuda
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for f in _cuda.KERNEL_FILES + ("common.cuh", "codebook.cuh", "code8.cuh"):
+        assert f"qpeft/cuda/{f}" in names, f
+    assert not any(n.startswith("cuda/") for n in names), "kernels must not land in site-packages/cuda (NVIDIA's namespace)"

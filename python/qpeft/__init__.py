@@ -1,7 +1,8 @@
 """qpeft: fine-tune language models on hardware that is too small for them.
 
 NF4/FP4 4-bit base weights with double-quantized scales, byte-compatible with
-bitsandbytes, computed by Rust kernels on CPU.
+bitsandbytes, computed by Rust kernels on CPU and CUDA kernels (compiled at
+run time, ``pip install "qpeft[cuda]"``) on a GPU.
 
 >>> import torch, qpeft
 >>> w = torch.randn(64, 64)

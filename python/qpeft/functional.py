@@ -1,8 +1,10 @@
 """Quantization primitives: blockwise NF4/FP4 and 8-bit, with bitsandbytes' layout.
 
 This is the only module that knows which backend runs an operation: CPU
-tensors go to the Rust kernels in :mod:`qpeft._native`. Everything else in
-qpeft calls these functions.
+tensors go to the Rust kernels in :mod:`qpeft._native`, CUDA tensors to the
+kernels of :mod:`qpeft._cuda` (compiled at run time; ``pip install
+"qpeft[cuda]"``), which give the same quantization bytes. Everything else
+in qpeft calls these functions.
 
 Formats (see FORMATS.md in the design notes) are byte-compatible with
 bitsandbytes: a tensor quantized here dequantizes with bitsandbytes and the
@@ -34,7 +36,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from . import _native
+from . import _cuda, _native
 
 __all__ = [
     "BLOCK_SIZES",
@@ -58,6 +60,7 @@ __all__ = [
     "paged_adamw_step",
     "paged_state_read",
     "paged_state_write",
+    "copy_pages",
 ]
 
 #: Block sizes accepted for 4-bit quantization (as bitsandbytes >= 0.50).
@@ -119,9 +122,17 @@ def _check_float(name: str, t: torch.Tensor) -> str:
 def _check_cpu(name: str, t: torch.Tensor) -> None:
     if t.device.type != "cpu":
         raise ValueError(
-            f"{name} is on {t.device}, but this build of qpeft only has CPU kernels for it; "
-            f"move it with {name}.cpu() (CUDA kernels come with qpeft[cuda])"
+            f"{name} is on {t.device}, but qpeft has kernels for CPU and CUDA tensors only; "
+            f"move it with {name}.cpu() or {name}.cuda()"
         )
+
+
+def _on_cuda(name: str, t: torch.Tensor) -> bool:
+    """The backend choice: True for a CUDA tensor (qpeft._cuda), False for a CPU one (Rust)."""
+    if t.device.type == "cuda":
+        return True
+    _check_cpu(name, t)
+    return False
 
 
 def _check_blocksize(blocksize: int) -> int:
@@ -143,9 +154,10 @@ def _check_quant_type(quant_type: str) -> str:
     return quant_type
 
 
-def _check_out(out: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+def _check_out(out: torch.Tensor, numel: int, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> torch.Tensor:
     _check_tensor("out", out)
-    _check_cpu("out", out)
+    if out.device != device:
+        raise ValueError(f"out is on {out.device} but the result is computed on {device}")
     if out.dtype != dtype:
         raise TypeError(f"out has dtype {out.dtype}, expected {dtype}")
     if out.numel() != numel:
@@ -418,7 +430,8 @@ def quantize_4bit(
     """Quantize a tensor to 4 bits in blocks (the signature of bitsandbytes' function).
 
     Args:
-        A: float32/float16/bfloat16 CPU tensor of any shape; finite values.
+        A: float32/float16/bfloat16 CPU or CUDA tensor of any shape; finite values
+            (the result and state live on A's device; CUDA gives the CPU's bytes).
         absmax: optional float32 tensor of ``ceil(n/blocksize)`` to receive the scales.
         out: optional uint8 tensor of ``(n+1)//2`` elements to receive the packed codes.
         blocksize: elements per block, one of :data:`BLOCK_SIZES`.
@@ -439,18 +452,23 @@ def quantize_4bit(
     """
     _check_tensor("A", A)
     dtype = _check_float("A", A)
-    _check_cpu("A", A)
+    cuda = _on_cuda("A", A)
     _check_blocksize(blocksize)
     _check_quant_type(quant_type)
     n = A.numel()
     n_blocks = -(-n // blocksize)
     x = A.detach().contiguous()
-    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
-    scales = torch.empty(n_blocks, dtype=torch.float32)
-    _native.quantize_4bit(_flat_view(x), dtype, quant_type, blocksize, _flat_view(packed), _flat_view(scales), _threads())
-    code = get_4bit_type(quant_type)
+    if cuda:
+        packed, scales = _cuda.quantize_4bit(x, quant_type, blocksize)
+    else:
+        packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
+        scales = torch.empty(n_blocks, dtype=torch.float32)
+        _native.quantize_4bit(_flat_view(x), dtype, quant_type, blocksize, _flat_view(packed), _flat_view(scales), _threads())
+    code = get_4bit_type(quant_type, device=A.device)
     if compress_statistics:
-        offset = _scale_mean(scales)
+        # The offset is torch's CPU float32 mean on both backends, so that a
+        # GPU gives the CPU's bytes (a CUDA mean may differ in the last bit).
+        offset = _scale_mean(scales.cpu()).to(A.device)
         qscales, state2 = quantize_blockwise(scales, blocksize=NESTED_BLOCKSIZE, _offset=offset)
         state = QuantState(
             absmax=qscales,
@@ -465,10 +483,12 @@ def quantize_4bit(
     else:
         state = QuantState(absmax=scales, shape=A.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=A.dtype)
     if out is not None:
-        _check_out(out, packed.numel(), torch.uint8).view(-1).copy_(packed.view(-1))
+        _check_out(out, packed.numel(), torch.uint8, A.device).view(-1).copy_(packed.view(-1))
         packed = out
     if absmax is not None:
-        state.absmax = _check_out(absmax, state.absmax.numel(), state.absmax.dtype).copy_(state.absmax.view_as(absmax))
+        state.absmax = _check_out(absmax, state.absmax.numel(), state.absmax.dtype, A.device).copy_(
+            state.absmax.view_as(absmax)
+        )
     if quant_storage != torch.uint8:
         packed = _view_storage(packed, quant_storage)
     return packed, state
@@ -514,7 +534,7 @@ def dequantize_4bit(
     float32, then rounded to the output dtype.
     """
     _check_tensor("A", A)
-    _check_cpu("A", A)
+    _on_cuda("A", A)
     if quant_state is None:
         if absmax is None or out is None:
             raise ValueError("pass quant_state, or both absmax and out")
@@ -538,14 +558,16 @@ def dequantize_4bit(
             f"packed data has {packed.numel()} bytes, but shape {list(shape)} needs {(n + 1) // 2}"
         )
     if out is None:
-        out = torch.empty(shape, dtype=qs.dtype)
+        out = torch.empty(shape, dtype=qs.dtype, device=A.device)
     else:
-        _check_out(out, n, qs.dtype)
+        _check_out(out, n, qs.dtype, A.device)
     return _dequantize_4bit_into(packed, qs, out)
 
 
 def _dequantize_4bit_into(packed: torch.Tensor, qs, out: torch.Tensor) -> torch.Tensor:
     """Dequantize checked, contiguous uint8 ``packed`` into ``out`` of any float dtype."""
+    if out.is_cuda:
+        return _cuda.dequantize_4bit(packed, qs, out)
     dtype_name = _FLOAT_DTYPES[out.dtype]
     kwargs = _scale_kwargs(qs, _flat_view)
     _native.dequantize_4bit(
@@ -596,7 +618,8 @@ def gemv_4bit(
     autograd history (A is read detached).
 
     Args:
-        A: float32/bfloat16/float16 CPU tensor of shape ``[..., K]``; every
+        A: float32/bfloat16/float16 CPU or CUDA tensor (B and the state on the
+            same device) of shape ``[..., K]``; every
             leading index is a token.
         B: the packed weight :func:`quantize_4bit` returned (any storage dtype).
         quant_state: its qpeft or bitsandbytes ``QuantState`` (nested or not);
@@ -640,9 +663,11 @@ def _gemv_4bit(
             f"A has dtype {A.dtype}; gemv_4bit multiplies float32, float16 and bfloat16 inputs "
             f"(convert with A.float() or A.bfloat16())"
         )
-    if not A.is_cpu:
-        _check_cpu("A", A)
-    n, k, weight = _weight_args(B, quant_state)
+    if _on_cuda("A", A):
+        n, k, packed = _weight_packed(B, quant_state, A.device)
+        weight = None
+    else:
+        n, k, weight = _weight_args(B, quant_state)
     a_shape = A.shape
     if not a_shape or a_shape[-1] != k:
         raise ValueError(
@@ -651,12 +676,15 @@ def _gemv_4bit(
         )
     tokens = A.numel() // k if k else math.prod(a_shape[:-1])
     if out is None:
-        out = torch.empty((*a_shape[:-1], n), dtype=A.dtype)
+        out = torch.empty((*a_shape[:-1], n), dtype=A.dtype, device=A.device)
     else:
-        _check_out(out, tokens * n, A.dtype)
+        _check_out(out, tokens * n, A.dtype, A.device)
     x = A.detach()
     if not x.is_contiguous():
         x = x.contiguous()
+    if weight is None:
+        _cuda.gemv_4bit(x, packed, quant_state, n, k, tokens, out.detach())
+        return out
     _native.gemv_4bit(_np_flat(x), dtype_name, tokens, out=_np_flat(out.detach()), threads=_threads(), isa=isa, **weight)
     return out
 
@@ -731,8 +759,19 @@ _WEIGHT_CACHE: dict[int, tuple] = {}
 
 
 def _check_weight(B: torch.Tensor, qs: Any) -> tuple[int, int, dict[str, Any]]:
-    if not B.is_cpu:
-        _check_cpu("B", B)
+    n, k, packed = _weight_packed(B, qs, torch.device("cpu"))
+    kwargs: dict[str, Any] = dict(
+        packed=packed.numpy().reshape(-1), quant_type=qs.quant_type, blocksize=qs.blocksize, n=n, k=k
+    )
+    kwargs.update(_scale_kwargs(qs, _np_flat))
+    return n, k, kwargs
+
+
+def _weight_packed(B: torch.Tensor, qs: Any, device: torch.device) -> tuple[int, int, torch.Tensor]:
+    """``(N, K, packed)``: a 4-bit matrix's checked shape and its bytes as contiguous uint8 on ``device``."""
+    _check_tensor("B", B)
+    if B.device != device:
+        raise ValueError(f"B is on {B.device} but A is on {device}; move the layer or the input (.to({str(device)!r}))")
     _check_blocksize(qs.blocksize)
     _check_quant_type(qs.quant_type)
     if qs.shape is None or len(qs.shape) != 2:
@@ -751,11 +790,7 @@ def _check_weight(B: torch.Tensor, qs: Any) -> tuple[int, int, dict[str, Any]]:
             f"B has {packed.numel()} packed bytes, but a ({n}, {k}) weight needs {(n * k + 1) // 2}; "
             f"pass the packed tensor that quantize_4bit returned together with this quant_state"
         )
-    kwargs: dict[str, Any] = dict(
-        packed=packed.numpy().reshape(-1), quant_type=qs.quant_type, blocksize=qs.blocksize, n=n, k=k
-    )
-    kwargs.update(_scale_kwargs(qs, _np_flat))
-    return n, k, kwargs
+    return n, k, packed
 
 # ------------------------------------------------------------------ 8-bit
 
@@ -780,7 +815,7 @@ def quantize_blockwise(
     """
     _check_tensor("A", A)
     dtype = _check_float("A", A)
-    _check_cpu("A", A)
+    cuda = _on_cuda("A", A)
     _check_blocksize8(blocksize)
     if code is None:
         code = create_dynamic_map(signed=True)
@@ -789,22 +824,28 @@ def quantize_blockwise(
         raise ValueError(f"code must have 256 values, got {code.numel()}")
     n = A.numel()
     x = A.detach().contiguous()
-    q = torch.empty(A.shape, dtype=torch.uint8)
-    scales = torch.empty(-(-n // blocksize), dtype=torch.float32)
     offset = 0.0 if _offset is None else float(_offset)
-    _native.quantize_blockwise(
-        _flat_view(x), dtype, _flat_view(code), blocksize, _flat_view(q), _flat_view(scales), _threads(), offset
-    )
+    if cuda:
+        q, scales = _cuda.quantize_blockwise(x, code.to(A.device), blocksize, offset)
+    else:
+        q = torch.empty(A.shape, dtype=torch.uint8)
+        scales = torch.empty(-(-n // blocksize), dtype=torch.float32)
+        _native.quantize_blockwise(
+            _flat_view(x), dtype, _flat_view(code), blocksize, _flat_view(q), _flat_view(scales), _threads(), offset
+        )
+    code = code.to(A.device)
     if nested:
-        off = _scale_mean(scales)
+        off = _scale_mean(scales.cpu()).to(A.device)
         qscales, state2 = quantize_blockwise(scales, blocksize=blocksize, _offset=off)
         state = QuantState(absmax=qscales, code=code.clone(), blocksize=blocksize, dtype=A.dtype, offset=off, state2=state2)
     else:
         state = QuantState(absmax=scales, code=code.clone(), blocksize=blocksize, dtype=A.dtype)
     if out is not None:
-        q = _check_out(out, n, torch.uint8).copy_(q.view_as(out))
+        q = _check_out(out, n, torch.uint8, A.device).copy_(q.view_as(out))
     if absmax is not None:
-        state.absmax = _check_out(absmax, state.absmax.numel(), state.absmax.dtype).copy_(state.absmax.view_as(absmax))
+        state.absmax = _check_out(absmax, state.absmax.numel(), state.absmax.dtype, A.device).copy_(
+            state.absmax.view_as(absmax)
+        )
     return q, state
 
 
@@ -824,7 +865,7 @@ def dequantize_blockwise(
     states are handled); otherwise pass ``absmax`` (and optionally ``code``).
     """
     _check_tensor("A", A)
-    _check_cpu("A", A)
+    cuda = _on_cuda("A", A)
     if A.dtype != torch.uint8:
         raise TypeError(f"A must hold uint8 codes, got {A.dtype}")
     if quant_state is None:
@@ -848,12 +889,14 @@ def dequantize_blockwise(
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {out_dtype}")
     q = A.detach().contiguous()
     if out is None:
-        out = torch.empty(A.shape, dtype=out_dtype)
+        out = torch.empty(A.shape, dtype=out_dtype, device=A.device)
     else:
-        _check_out(out, q.numel(), out_dtype)
+        _check_out(out, q.numel(), out_dtype, A.device)
     c = _cpu_contig(qs.code, torch.float32, "code")
     if c.numel() != 256:
         raise ValueError(f"code must have 256 values, got {c.numel()}")
+    if cuda:
+        return _cuda.dequantize_blockwise(q, scales.to(A.device), c.to(A.device), qs.blocksize, 0.0, out)
     _native.dequantize_blockwise(
         _flat_view(q),
         _flat_view(_cpu_contig(scales, torch.float32, "absmax")),
@@ -873,14 +916,15 @@ def _as_f32_scalar(x: Any) -> torch.Tensor:
 def linear_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
     """``x @ W.T`` for a 4-bit ``W`` (no bias, no autograd), by the faster path for its size.
 
-    Few tokens (at most :data:`GEMV_MAX_TOKENS`): the fused :func:`gemv_4bit`
+    Few tokens (at most :data:`GEMV_MAX_TOKENS` on the CPU,
+    ``qpeft._cuda.GEMV_MAX_TOKENS`` on a GPU): the fused :func:`gemv_4bit`
     kernel, which never builds a dense weight. More tokens: dequantize into
     ``x``'s dtype and ``F.linear`` (a dense matmul amortizes the dequantize).
     """
     tokens = x.numel() // max(1, x.shape[-1])
+    fused_max = {"cpu": GEMV_MAX_TOKENS, "cuda": _cuda.GEMV_MAX_TOKENS}.get(x.device.type, -1)
     if (
-        x.device.type == "cpu"
-        and tokens <= GEMV_MAX_TOKENS
+        tokens <= fused_max
         and x.dtype in _FLOAT_DTYPES
         and quant_state.shape is not None
         and len(quant_state.shape) == 2
@@ -939,15 +983,12 @@ OPTIM_BLOCKSIZE = 256
 _OPTIM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
-def _optim_device(name: str, t: torch.Tensor) -> None:
-    """The backend dispatch point of the optimizer steps: CPU runs in Rust; CUDA plugs in here."""
-    if t.device.type == "cuda":
-        raise NotImplementedError(
-            f"{name} is on {t.device}: qpeft's fused AdamW has CPU kernels only so far (the CUDA kernels "
-            f"come later); keep the parameters on the CPU or use torch.optim.AdamW(fused=True) on the GPU"
-        )
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} is on {t.device}; qpeft's fused AdamW runs on CPU tensors only")
+def _optim_device(name: str, t: torch.Tensor, device: Optional[torch.device] = None) -> None:
+    """Every tensor of an optimizer step on the parameter's device, a CPU or a CUDA one."""
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the parameter is on {device}; keep the state with the parameter")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} is on {t.device}; qpeft's fused AdamW runs on CPU and CUDA tensors only")
 
 
 def _optim_param(p: Any, grad: Any) -> tuple[str, torch.Tensor]:
@@ -957,7 +998,7 @@ def _optim_param(p: Any, grad: Any) -> tuple[str, torch.Tensor]:
     _optim_device("param", p)
     if grad.is_sparse or grad.layout != torch.strided:
         raise TypeError("sparse gradients are not supported by qpeft's AdamW; use torch.optim.SparseAdam")
-    _optim_device("grad", grad)
+    _optim_device("grad", grad, p.device)
     dtype = _OPTIM_DTYPES.get(p.dtype)
     if dtype is None:
         raise TypeError(
@@ -973,9 +1014,9 @@ def _optim_param(p: Any, grad: Any) -> tuple[str, torch.Tensor]:
     return dtype, grad if grad.is_contiguous() else grad.contiguous()
 
 
-def _optim_state(name: str, t: Any, dtype: torch.dtype, numel: int) -> torch.Tensor:
+def _optim_state(name: str, t: Any, dtype: torch.dtype, numel: int, device: torch.device) -> torch.Tensor:
     _check_tensor(name, t)
-    _optim_device(name, t)
+    _optim_device(name, t, device)
     if t.dtype != dtype:
         raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
     if t.numel() != numel:
@@ -1032,7 +1073,8 @@ def adamw_step(
         param     -= lr / (1 - beta1**step) * exp_avg / (sqrt(exp_avg_sq / (1 - beta2**step)) + eps)
 
     Args:
-        param: float32 or bfloat16 contiguous CPU tensor (bfloat16 is updated
+        param: float32 or bfloat16 contiguous CPU or CUDA tensor, the other
+            tensors on its device (bfloat16 is updated
             in float32 and rounded to nearest even once).
         grad: its gradient, same dtype and shape (dense).
         exp_avg, exp_avg_sq: contiguous float32 tensors with ``param.numel()`` elements.
@@ -1041,18 +1083,14 @@ def adamw_step(
     """
     dtype, g = _optim_param(param, grad)
     n = param.numel()
-    _optim_state("exp_avg", exp_avg, torch.float32, n)
-    _optim_state("exp_avg_sq", exp_avg_sq, torch.float32, n)
+    _optim_state("exp_avg", exp_avg, torch.float32, n, param.device)
+    _optim_state("exp_avg_sq", exp_avg_sq, torch.float32, n, param.device)
     scalars = _adamw_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    if param.is_cuda:
+        return _cuda.adamw_step(param, g, exp_avg, exp_avg_sq, **scalars, maximize=bool(maximize))
     _native.adamw_step(
-        _flat_view(param),
-        _flat_view(g),
-        _flat_view(exp_avg),
-        _flat_view(exp_avg_sq),
-        dtype,
-        **scalars,
-        maximize=bool(maximize),
-        threads=_threads(),
+        _flat_view(param), _flat_view(g), _flat_view(exp_avg), _flat_view(exp_avg_sq), dtype, **scalars,
+        maximize=bool(maximize), threads=_threads(),
     )
 
 
@@ -1119,7 +1157,8 @@ def adamw8bit_step(
     into the whole block.
 
     Args:
-        param: float32 or bfloat16 contiguous CPU tensor.
+        param: float32 or bfloat16 contiguous CPU or CUDA tensor (the other
+            tensors on its device; CUDA gives the CPU's bits).
         grad: its dense gradient, same dtype and shape.
         state1, state2: contiguous uint8 tensors with ``param.numel()`` elements.
         absmax1, absmax2: contiguous float32 tensors with ``ceil(numel / 256)`` elements.
@@ -1129,20 +1168,15 @@ def adamw8bit_step(
     n = param.numel()
     blocks = -(-n // OPTIM_BLOCKSIZE)
     for name, t in (("state1", state1), ("state2", state2)):
-        _optim_state(name, t, torch.uint8, n)
+        _optim_state(name, t, torch.uint8, n, param.device)
     for name, t in (("absmax1", absmax1), ("absmax2", absmax2)):
-        _optim_state(name, t, torch.float32, blocks)
+        _optim_state(name, t, torch.float32, blocks, param.device)
+    scalars = _adamw8_scalars(step, lr, beta1, beta2, eps, weight_decay)
+    if param.is_cuda:
+        return _cuda.adamw8_step(param, g, state1, state2, absmax1, absmax2, **scalars, maximize=bool(maximize))
     _native.adamw8_step(
-        _flat_view(param),
-        _flat_view(g),
-        _flat_view(state1),
-        _flat_view(state2),
-        _flat_view(absmax1),
-        _flat_view(absmax2),
-        dtype,
-        **_adamw8_scalars(step, lr, beta1, beta2, eps, weight_decay),
-        maximize=bool(maximize),
-        threads=_threads(),
+        _flat_view(param), _flat_view(g), _flat_view(state1), _flat_view(state2), _flat_view(absmax1),
+        _flat_view(absmax2), dtype, **scalars, maximize=bool(maximize), threads=_threads(),
     )
 
 
@@ -1226,3 +1260,62 @@ def paged_state_write(store: Any, slot: int, state: dict[str, torch.Tensor], eig
         store.transfer_q8(slot, *arrays, True)
     else:
         store.transfer_f32(slot, *arrays, True)
+
+
+# ------------------------------------------------------------------ pages
+
+
+def copy_pages(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    index: torch.Tensor,
+    page_bytes: int,
+    *,
+    gather: bool = True,
+    stream: Optional["torch.cuda.Stream"] = None,
+) -> None:
+    """Move whole pages of bytes between two buffers (for a paged optimizer).
+
+    ``gather=True``: page ``i`` of ``dst`` = page ``index[i]`` of ``src``;
+    ``gather=False``: page ``index[i]`` of ``dst`` = page ``i`` of ``src``.
+    On CUDA tensors this is one kernel launch on ``stream`` (a side stream
+    that overlaps the copies with compute; the caller orders it with events)
+    or on the current stream; on CPU tensors, torch indexing.
+
+    Args:
+        src, dst: contiguous uint8 tensors on one device, whole pages each.
+        index: int64 page numbers (on the CPU, or on the buffers' device;
+            a CUDA index is range-checked with one synchronization).
+        page_bytes: bytes per page (> 0).
+    """
+    for name, t in (("src", src), ("dst", dst), ("index", index)):
+        _check_tensor(name, t)
+    if src.dtype != torch.uint8 or dst.dtype != torch.uint8:
+        raise TypeError(f"src and dst must be uint8 byte buffers, got {src.dtype} and {dst.dtype}")
+    if index.dtype != torch.int64 or index.dim() != 1:
+        raise TypeError(f"index must be a 1-D int64 tensor, got {index.dtype} with shape {tuple(index.shape)}")
+    if isinstance(page_bytes, bool) or not isinstance(page_bytes, int) or page_bytes <= 0:
+        raise ValueError(f"page_bytes must be a positive int, got {page_bytes!r}")
+    if src.device != dst.device:
+        raise ValueError(f"src is on {src.device} but dst on {dst.device}; both buffers must be on one device")
+    if not (src.is_contiguous() and dst.is_contiguous()):
+        raise ValueError("src and dst must be contiguous")
+    cuda = _on_cuda("src", src)
+    for name, t in (("src", src), ("dst", dst)):
+        if t.numel() % page_bytes:
+            raise ValueError(f"{name} has {t.numel()} bytes, not a whole number of {page_bytes}-byte pages")
+    n_pages = index.numel()
+    many, few = (src, dst) if gather else (dst, src)
+    if few.numel() < n_pages * page_bytes:
+        raise ValueError(f"{n_pages} pages of {page_bytes} bytes do not fit in {few.numel()} bytes")
+    if n_pages and (int(index.min()) < 0 or int(index.max()) >= many.numel() // page_bytes):
+        raise ValueError(f"index must hold page numbers in [0, {many.numel() // page_bytes}), "
+                         f"got {int(index.min())}..{int(index.max())}")
+    if cuda:
+        _cuda.copy_pages(src, dst, index, page_bytes, bool(gather), stream)
+        return
+    s_pages, d_pages = src.view(-1, page_bytes), dst.view(-1, page_bytes)
+    if gather:
+        d_pages[:n_pages] = s_pages[index]
+    else:
+        d_pages[index] = s_pages[:n_pages]

@@ -14,9 +14,10 @@
 Both are ordinary :class:`torch.optim.Optimizer` subclasses: parameter
 groups, learning-rate schedulers, ``zero_grad``, ``state_dict`` /
 ``load_state_dict`` and the Hugging Face ``Trainer`` work as with torch's
-optimizers. Parameters must be float32 or bfloat16 CPU tensors (bfloat16
-parameters keep float32 moments); the update runs on
-``torch.get_num_threads()`` threads.
+optimizers. Parameters must be float32 or bfloat16 tensors on the CPU or a
+CUDA device (bfloat16 parameters keep float32 moments; the state lives with
+the parameter); on the CPU the update runs on ``torch.get_num_threads()``
+threads, on a GPU as one kernel launch per parameter, with the same results.
 """
 
 from __future__ import annotations
@@ -166,13 +167,8 @@ class _FusedAdamW(torch.optim.Optimizer):
 def _check_param(p: torch.Tensor) -> None:
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"parameters must be tensors, got {type(p).__name__}")
-    if p.device.type == "cuda":
-        raise NotImplementedError(
-            f"a parameter is on {p.device}: qpeft's AdamW has CPU kernels only so far (the CUDA kernels "
-            f"come later); use torch.optim.AdamW(fused=True) on the GPU"
-        )
-    if p.device.type != "cpu":
-        raise ValueError(f"a parameter is on {p.device}; qpeft's AdamW updates CPU parameters only")
+    if p.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"a parameter is on {p.device}; qpeft's AdamW updates CPU and CUDA parameters only")
     if p.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(
             f"a parameter has dtype {p.dtype}; qpeft's AdamW updates float32 and bfloat16 parameters "
@@ -218,8 +214,8 @@ class AdamW(_FusedAdamW):
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         _prepare(p)
         state["step"] = torch.tensor(0.0)
-        state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32)
-        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
 
     def _update(self, p: torch.Tensor, state: dict[str, Any], step: int, hyper: dict[str, Any]) -> None:
         _prepare(p)
@@ -268,16 +264,16 @@ class AdamW8bit(_FusedAdamW):
         state["step"] = torch.tensor(0.0)
         n = p.numel()
         if n < self.min_8bit_size:
-            state["state1"] = torch.zeros(p.shape, dtype=torch.float32)
-            state["state2"] = torch.zeros(p.shape, dtype=torch.float32)
+            state["state1"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["state2"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             return
         blocks = -(-n // F.OPTIM_BLOCKSIZE)
         # Codes of 0.0: 127 on the signed map, 0 on the unsigned map; absmax 0
         # makes the first dequantization give zeros either way.
-        state["state1"] = torch.full(p.shape, 127, dtype=torch.uint8)
-        state["state2"] = torch.zeros(p.shape, dtype=torch.uint8)
-        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32)
-        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32)
+        state["state1"] = torch.full(p.shape, 127, dtype=torch.uint8, device=p.device)
+        state["state2"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
 
     def _update(self, p: torch.Tensor, state: dict[str, Any], step: int, hyper: dict[str, Any]) -> None:
         _prepare(p)
