@@ -12,7 +12,7 @@ __all__ = ["METHODS", "OPTIMIZERS", "TrainConfig"]
 #: Methods the trainer runs (more arrive with the adapter and prompt tuners).
 METHODS = ("qlora", "lora")
 #: Optimizers by name; "torch" is ``torch.optim.AdamW``.
-OPTIMIZERS = ("adamw", "adamw8bit", "torch")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "torch")
 
 
 @dataclass
@@ -34,6 +34,9 @@ class TrainConfig:
             float32), ``"bfloat16"`` or ``"float32"``.
         lora_r, lora_alpha, lora_dropout, target_modules: the adapter.
         optimizer: one of :data:`OPTIMIZERS`.
+        optimizer_resident_mb, optimizer_state_dir: the paged optimizers' budget of
+            resident state (MiB) and the directory of their state file (default:
+            the system's temporary directory).
         fast_path: fused norm/MLP/LoRA pieces and the chunked loss where the model
             allows them (:mod:`qpeft.train.fastpath`); off: transformers' own modules.
         eval_every, eval_examples, max_new_tokens: held-out loss and exact-match
@@ -69,6 +72,8 @@ class TrainConfig:
     lora_dropout: float = 0.0
     target_modules: Any = "all-linear"
     optimizer: str = "adamw"
+    optimizer_resident_mb: int = 64
+    optimizer_state_dir: Optional[str] = None
     eval_every: int = 0
     eval_examples: int = 90
     max_new_tokens: int = 40
@@ -103,6 +108,8 @@ class TrainConfig:
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        need(isinstance(self.optimizer_resident_mb, int) and self.optimizer_resident_mb >= 1,
+             f"optimizer_resident_mb must be a positive integer, got {self.optimizer_resident_mb!r}")
         need(self.threads is None or self.threads >= 1, f"threads must be positive, got {self.threads}")
         need(bool(self.data) or self.n_train >= 1, "n_train must be positive when no data files are given")
 

@@ -130,7 +130,11 @@ def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
     adapter = layers * sum(r * (o + i) for o, i in s["linear_shapes"]) * 4.0
     plan.items["adapter (fp32)"] = adapter
     plan.items["adapter gradients"] = adapter
-    state = {"adamw": 8.0, "torch": 8.0, "adamw8bit": 2.03125}[cfg.optimizer] / 4.0 * adapter
+    kind = cfg.optimizer.removeprefix("paged_")
+    state = {"adamw": 8.0, "torch": 8.0, "adamw8bit": 2.03125}[kind] / 4.0 * adapter
+    if cfg.optimizer.startswith("paged_"):
+        # Only the resident pages count; the rest is in the state file.
+        state = min(state, float(cfg.optimizer_resident_mb << 20))
     plan.items[f"optimizer state ({cfg.optimizer})"] = state
     fast = cfg.fast_path and model_cfg.get("model_type") in _PLAIN_HEAD_TYPES
     # Saved for backward per layer and token: the inputs of the adapted

@@ -230,18 +230,15 @@ class SFTTrainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config
-        kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+        kwargs: dict[str, Any] = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.optimizer == "torch":
             return torch.optim.AdamW(self.params, **kwargs)
-        try:
-            from .. import optim
-        except ImportError:
-            optim = None
-        name = {"adamw": "AdamW", "adamw8bit": "AdamW8bit"}[cfg.optimizer]
-        if optim is None or not hasattr(optim, name):
-            if cfg.optimizer == "adamw":
-                return torch.optim.AdamW(self.params, **kwargs)
-            raise ValueError(f"optimizer {cfg.optimizer!r} is not available in this build of qpeft")
+        from .. import optim
+
+        name = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "paged_adamw": "PagedAdamW",
+                "paged_adamw8bit": "PagedAdamW8bit"}[cfg.optimizer]
+        if cfg.optimizer.startswith("paged"):
+            kwargs.update(max_resident_bytes=cfg.optimizer_resident_mb << 20, state_dir=cfg.optimizer_state_dir)
         return getattr(optim, name)(self.params, **kwargs)
 
     def _lr_factor(self, step: int) -> float:
