@@ -14,6 +14,8 @@ pub mod cpu;
 pub mod dynamic_map;
 pub mod elem;
 pub mod error;
+#[cfg(test)]
+mod fuzz_boundary;
 pub mod gemv;
 pub mod memory;
 pub mod nf4;
@@ -26,7 +28,7 @@ pub mod scale;
 mod bindings {
     use std::panic::{catch_unwind, AssertUnwindSafe};
 
-    use numpy::{PyReadonlyArray1, PyReadwriteArray1};
+    use numpy::{PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1};
     use pyo3::exceptions::{PyOSError, PyRuntimeError, PyTypeError, PyValueError};
     use pyo3::prelude::*;
 
@@ -89,7 +91,20 @@ mod bindings {
         })
     }
 
+    /// NumPy can view a buffer at any byte offset (`np.frombuffer(b, offset=1)`);
+    /// a Rust slice must be aligned to its element type, so check before making one.
+    fn check_aligned<T>(ptr: *const T, what: &str) -> PyResult<()> {
+        if (ptr as usize) % std::mem::align_of::<T>() != 0 {
+            return Err(PyValueError::new_err(format!(
+                "{what} is not aligned to its element size ({} bytes); pass a copy (np.ascontiguousarray / tensor.clone())",
+                std::mem::align_of::<T>()
+            )));
+        }
+        Ok(())
+    }
+
     fn slice<'a, T: numpy::Element>(a: &'a PyReadonlyArray1<'_, T>, what: &str) -> PyResult<&'a [T]> {
+        check_aligned(a.data() as *const T, what)?;
         a.as_slice()
             .map_err(|_| PyValueError::new_err(format!("{what} must be contiguous")))
     }
@@ -98,6 +113,7 @@ mod bindings {
         a: &'a mut PyReadwriteArray1<'_, T>,
         what: &str,
     ) -> PyResult<&'a mut [T]> {
+        check_aligned(a.data() as *const T, what)?;
         a.as_slice_mut()
             .map_err(|_| PyValueError::new_err(format!("{what} must be contiguous")))
     }
@@ -651,6 +667,23 @@ mod bindings {
         }
     }
 
+    /// Panics inside a kernel call on purpose, so tests can check that a panic
+    /// reaches Python as RuntimeError instead of aborting the interpreter. The
+    /// panic happens on a worker thread of the pool (`threads` > 1) or on the
+    /// calling thread, the two ways a kernel can fail. Not for other use.
+    #[pyfunction]
+    #[pyo3(signature = (message, threads=1))]
+    fn _panic_for_test(py: Python<'_>, message: &str, threads: usize) -> PyResult<()> {
+        let message = message.to_owned();
+        run(py, move || -> Result<(), Error> {
+            if threads > 1 {
+                // rayon carries a worker's panic back to the caller of install().
+                crate::parallel::pool(threads).install(|| panic!("{message}"))
+            }
+            panic!("{message}")
+        })
+    }
+
     #[pymodule]
     #[pyo3(name = "_native")]
     fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -665,6 +698,7 @@ mod bindings {
         m.add_function(wrap_pyfunction!(adamw_step, m)?)?;
         m.add_function(wrap_pyfunction!(adamw8_step, m)?)?;
         m.add_class::<PagedState>()?;
+        m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         Ok(())
     }

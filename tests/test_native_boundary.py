@@ -1,0 +1,289 @@
+"""The Rust boundary (issue 9): qpeft._native called directly with wrong lengths, dtypes, shapes,
+non-contiguous, misaligned or aliased arrays raises a Python exception (never touches memory it should
+not); a panic inside Rust becomes RuntimeError; kernels called from several threads at once give the
+single-thread results."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from qpeft import _native
+from qpeft import functional as F
+
+BAD = (ValueError, TypeError)
+
+
+def f32(n, seed=0):
+    return np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+
+
+def code8():
+    return np.asarray(_native.dynamic_map(True), dtype=np.float32)
+
+
+def misaligned_f32(n):
+    """A float32 view starting one byte into its buffer (NumPy allows it; a Rust slice may not)."""
+    buf = np.zeros(4 * n + 1, dtype=np.uint8)
+    a = np.frombuffer(buf.data, dtype=np.float32, count=n, offset=1)
+    assert not a.flags["ALIGNED"]
+    return a
+
+
+def read_only(a):
+    a.flags.writeable = False
+    return a
+
+
+def _q4(n=256, bs=64):
+    packed = np.zeros((n + 1) // 2, np.uint8)
+    absmax = np.zeros(-(-n // bs), np.float32)
+    _native.quantize_4bit(f32(n), "float32", "nf4", bs, packed, absmax, 1)
+    return packed, absmax
+
+
+# ------------------------------------------------------------ wrong arguments
+
+
+def quantize_4bit_cases():
+    n, bs = 256, 64
+    ok = dict(x=f32(n), dtype="float32", quant_type="nf4", blocksize=bs, packed=np.zeros(n // 2, np.uint8),
+              absmax=np.zeros(n // bs, np.float32), threads=1)
+    yield "ok", ok, None
+    yield "short packed", {**ok, "packed": np.zeros(n // 2 - 1, np.uint8)}, ValueError
+    yield "long absmax", {**ok, "absmax": np.zeros(n // bs + 1, np.float32)}, ValueError
+    yield "bad blocksize", {**ok, "blocksize": 48}, ValueError
+    yield "x float64", {**ok, "x": f32(n).astype(np.float64)}, TypeError
+    yield "x 2-D", {**ok, "x": f32(n).reshape(16, 16)}, TypeError
+    yield "x strided", {**ok, "x": f32(2 * n)[::2]}, ValueError
+    yield "x misaligned", {**ok, "x": misaligned_f32(n)}, ValueError
+    yield "dtype says bf16, x f32", {**ok, "dtype": "bfloat16"}, TypeError
+    yield "dtype unknown", {**ok, "dtype": "float64"}, TypeError
+    yield "packed int8", {**ok, "packed": np.zeros(n // 2, np.int8)}, TypeError
+    yield "absmax read-only", {**ok, "absmax": read_only(np.zeros(n // bs, np.float32))}, BAD
+    yield "quant type", {**ok, "quant_type": "int4"}, ValueError
+    yield "isa", {**ok, "isa": "sse9"}, ValueError
+    yield "nan", {**ok, "x": np.full(n, np.nan, np.float32)}, ValueError
+    yield "a list, not an array", {**ok, "x": [0.0] * n}, TypeError
+
+
+def dequantize_4bit_cases():
+    n, bs = 256, 64
+    packed, absmax = _q4(n, bs)
+    ok = dict(packed=packed, quant_type="nf4", blocksize=bs, out=np.zeros(n, np.float32), dtype="float32",
+              threads=1, absmax=absmax)
+    yield "ok", ok, None
+    yield "short out", {**ok, "out": np.zeros(n - 2, np.float32)}, ValueError
+    yield "short absmax", {**ok, "absmax": absmax[:-1].copy()}, ValueError
+    yield "no scales", {k: v for k, v in ok.items() if k != "absmax"}, ValueError
+    yield "absmax and nested", {**ok, "qabsmax": np.zeros(n // bs, np.uint8)}, ValueError
+    yield "nested, short code", {**{k: v for k, v in ok.items() if k != "absmax"}, "qabsmax": np.zeros(n // bs, np.uint8),
+                                 "absmax2": np.ones(1, np.float32), "code2": np.zeros(255, np.float32)}, ValueError
+    yield "nested, blocksize2 0", {**{k: v for k, v in ok.items() if k != "absmax"}, "qabsmax": np.zeros(n // bs, np.uint8),
+                                   "absmax2": np.ones(1, np.float32), "code2": code8(), "blocksize2": 0}, ValueError
+    yield "nested, absmax2 long", {**{k: v for k, v in ok.items() if k != "absmax"},
+                                   "qabsmax": np.zeros(n // bs, np.uint8), "absmax2": np.ones(2, np.float32),
+                                   "code2": code8()}, ValueError
+    yield "out strided", {**ok, "out": np.zeros(2 * n, np.float32)[::2]}, ValueError
+    yield "out read-only", {**ok, "out": np.broadcast_to(np.zeros(1, np.float32), (n,))}, BAD
+    yield "out misaligned", {**ok, "out": misaligned_f32(n)}, ValueError
+    yield "out bits for f32", {**ok, "out": np.zeros(n, np.int16)}, TypeError
+    yield "out f32 for bf16", {**ok, "dtype": "bfloat16"}, TypeError
+    yield "negative blocksize", {**ok, "blocksize": -64}, BAD + (OverflowError,)
+
+
+def gemv_4bit_cases():
+    n, k, bs = 8, 64, 64
+    packed, absmax = _q4(n * k, bs)
+    ok = dict(x=f32(2 * k), dtype="float32", tokens=2, packed=packed, quant_type="nf4", blocksize=bs, n=n, k=k,
+              out=np.zeros(2 * n, np.float32), threads=1, absmax=absmax)
+    yield "ok", ok, None
+    yield "tokens too many", {**ok, "tokens": 3}, ValueError
+    yield "n wrong", {**ok, "n": 9}, ValueError
+    yield "k wrong", {**ok, "k": 32}, ValueError
+    yield "n*k overflows", {**ok, "n": 2**62, "k": 2**62}, ValueError
+    yield "short out", {**ok, "out": np.zeros(2 * n - 1, np.float32)}, ValueError
+    yield "mixed dtypes", {**ok, "out": np.zeros(2 * n, np.int16)}, TypeError
+    yield "x strided", {**ok, "x": f32(4 * k)[::2]}, ValueError
+    yield "x misaligned", {**ok, "x": misaligned_f32(2 * k)}, ValueError
+
+
+def blockwise_cases():
+    n, bs = 512, 256
+    ok = dict(x=f32(n), dtype="float32", code=code8(), blocksize=bs, out=np.zeros(n, np.uint8),
+              absmax=np.zeros(n // bs, np.float32), threads=1)
+    yield "ok", ok, None
+    yield "code 255", {**ok, "code": code8()[:255].copy()}, ValueError
+    yield "code unsorted", {**ok, "code": code8()[::-1].copy()}, ValueError
+    yield "code nan", {**ok, "code": np.where(np.arange(256) == 3, np.nan, code8()).astype(np.float32)}, ValueError
+    yield "short out", {**ok, "out": np.zeros(n - 1, np.uint8)}, ValueError
+    yield "bad blocksize", {**ok, "blocksize": 100}, ValueError
+    yield "offset nan", {**ok, "offset": float("nan")}, ValueError
+    yield "out and absmax the same buffer", {**ok, "out": (b := np.zeros(n, np.uint8)),
+                                             "absmax": b.view(np.float32)[:n // bs]}, BAD
+
+
+def dequantize_blockwise_cases():
+    n, bs = 512, 256
+    ok = dict(q=np.zeros(n, np.uint8), absmax=np.ones(n // bs, np.float32), code=code8(), blocksize=bs,
+              out=np.zeros(n, np.float32), dtype="float32", threads=1)
+    yield "ok", ok, None
+    yield "short absmax", {**ok, "absmax": np.ones(1, np.float32)}, ValueError
+    yield "long out", {**ok, "out": np.zeros(n + 1, np.float32)}, ValueError
+    yield "code list short", {**ok, "code": code8()[:10].copy()}, ValueError
+
+
+def adamw_cases():
+    n = 300
+    hyper = dict(decay=1.0, lerp_weight=0.1, beta2=0.999, one_minus_beta2=0.001, bc2_sqrt=0.03, eps=1e-8,
+                 step_size=-1e-3, maximize=False, threads=1)
+    ok = dict(p=f32(n), g=f32(n, 1), m=np.zeros(n, np.float32), v=np.zeros(n, np.float32), dtype="float32", **hyper)
+    yield "ok", ok, None
+    yield "short grad", {**ok, "g": f32(n - 1)}, ValueError
+    yield "short v", {**ok, "v": np.zeros(n - 1, np.float32)}, ValueError
+    yield "m is v", {**ok, "v": ok["m"]}, BAD
+    yield "p is m", {**ok, "p": ok["m"]}, BAD
+    yield "float16 params", {**ok, "dtype": "float16"}, TypeError
+    yield "bf16 bits with f32 grad", {**ok, "p": np.zeros(n, np.int16), "dtype": "bfloat16"}, TypeError
+    yield "m strided", {**ok, "m": np.zeros(2 * n, np.float32)[::2]}, ValueError
+    yield "m float64", {**ok, "m": np.zeros(n, np.float64)}, TypeError
+
+
+def adamw8_cases():
+    n = 600
+    hyper = dict(beta1=0.9, one_minus_beta1=0.1, beta2=0.999, one_minus_beta2=0.001, bc2_sqrt=0.03, eps=1e-8,
+                 decay=1.0, step_size=-1e-3, maximize=False, threads=1)
+    blocks = -(-n // 256)
+    ok = dict(p=f32(n), g=f32(n, 1), qm=np.full(n, 127, np.uint8), qv=np.zeros(n, np.uint8),
+              absmax_m=np.zeros(blocks, np.float32), absmax_v=np.zeros(blocks, np.float32), dtype="float32", **hyper)
+    yield "ok", ok, None
+    yield "short qv", {**ok, "qv": np.zeros(n - 1, np.uint8)}, ValueError
+    yield "absmax_m one block short", {**ok, "absmax_m": np.zeros(blocks - 1, np.float32)}, ValueError
+    yield "qm is qv", {**ok, "qv": ok["qm"]}, BAD
+    yield "qm int8", {**ok, "qm": np.zeros(n, np.int8)}, TypeError
+
+
+CASES = [
+    (fn, name, kwargs, exc)
+    for fn, gen in [
+        (_native.quantize_4bit, quantize_4bit_cases),
+        (_native.dequantize_4bit, dequantize_4bit_cases),
+        (_native.gemv_4bit, gemv_4bit_cases),
+        (_native.quantize_blockwise, blockwise_cases),
+        (_native.dequantize_blockwise, dequantize_blockwise_cases),
+        (_native.adamw_step, adamw_cases),
+        (_native.adamw8_step, adamw8_cases),
+    ]
+    for name, kwargs, exc in gen()
+]
+
+
+@pytest.mark.parametrize("fn,name,kwargs,exc", CASES, ids=[f"{c[0].__name__}-{c[1]}" for c in CASES])
+def test_native_rejects_bad_arguments(fn, name, kwargs, exc):
+    if exc is None:
+        fn(**kwargs)  # the well-formed call each bad one is a variation of
+        return
+    with pytest.raises(exc) as info:
+        fn(**kwargs)
+    assert str(info.value), "the exception must say what was wrong"
+
+
+def test_every_native_function_is_covered():
+    """A new binding must get its row of bad-argument cases above."""
+    exported = {n for n in dir(_native) if callable(getattr(_native, n)) and not n.startswith("__")}
+    covered = {c[0].__name__ for c in CASES} | {"cpu_isa", "code_4bit", "dynamic_map", "_panic_for_test"}
+    assert exported <= covered, f"no boundary cases for {sorted(exported - covered)}"
+
+
+def test_small_bindings_reject_bad_names():
+    with pytest.raises(ValueError, match="nf4"):
+        _native.code_4bit("int4")
+    assert len(_native.dynamic_map(False)) == 256
+
+
+# ------------------------------------------------------------ panics
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_panic_in_rust_is_a_python_runtime_error(threads):
+    """On the calling thread or on a pool worker, a panic comes back as RuntimeError, and the kernels
+    (and that thread pool) keep working afterwards."""
+    with pytest.raises(RuntimeError, match="internal error in qpeft's native kernel.*deliberate test panic"):
+        _native._panic_for_test("deliberate test panic", threads)
+    x = torch.randn(4096)
+    q, st = F.quantize_4bit(x, blocksize=64)
+    y = torch.empty(4096)
+    packed, absmax = q.view(-1).numpy(), st.absmax.numpy()
+    _native.dequantize_4bit(packed, "nf4", 64, y.numpy(), "float32", threads, absmax=absmax)
+    torch.testing.assert_close(y, F.dequantize_4bit(q, st), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------ threads
+
+
+def _workloads():
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(96, 256, generator=g)
+    qw, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True)
+    x = torch.randn(3, 256, generator=g)
+    p0 = torch.randn(5000, generator=g)
+    grad = torch.randn(5000, generator=g)
+
+    def quantize():
+        q, s = F.quantize_4bit(w, blocksize=64, compress_statistics=True)
+        return [q, s.absmax, s.state2.absmax]
+
+    def dequantize():
+        return [F.dequantize_4bit(qw, qs)]
+
+    def gemv():
+        return [F.gemv_4bit(x, qw, qs)]
+
+    def adamw():
+        p, m, v = p0.clone(), torch.zeros(5000), torch.zeros(5000)
+        for step in range(1, 4):
+            F.adamw_step(p, grad, m, v, step=step, lr=1e-2, weight_decay=0.01)
+        return [p, m, v]
+
+    def adamw8():
+        p, m, v = p0.clone(), torch.full((5000,), 127, dtype=torch.uint8), torch.zeros(5000, dtype=torch.uint8)
+        a1, a2 = torch.zeros(20), torch.zeros(20)
+        for step in range(1, 4):
+            F.adamw8bit_step(p, grad, m, v, a1, a2, step=step, lr=1e-2)
+        return [p, m, v, a1, a2]
+
+    return {"quantize": quantize, "dequantize": dequantize, "gemv": gemv, "adamw": adamw, "adamw8": adamw8}
+
+
+def test_kernels_from_many_python_threads_match_single_thread():
+    work = _workloads()
+    expected = {name: fn() for name, fn in work.items()}
+    results: dict[tuple[int, str, int], list] = {}
+    errors: list[BaseException] = []
+    start = threading.Barrier(6)
+
+    def worker(tid: int):
+        try:
+            start.wait()
+            names = list(work)
+            for rep in range(6):
+                # Each thread runs the kernels in its own order, so different kernels overlap.
+                for name in names[tid % len(names):] + names[:tid % len(names)]:
+                    results[(tid, name, rep)] = work[name]()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a kernel call hung"
+    assert not errors, errors
+    assert len(results) == 6 * 6 * len(work)
+    for (tid, name, rep), got in results.items():
+        for a, b in zip(got, expected[name]):
+            assert torch.equal(a, b), f"{name} in thread {tid} (repeat {rep}) differs from the single-thread result"
