@@ -13,6 +13,7 @@ What a run writes under ``out_dir``:
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -28,14 +29,15 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import data as D
-from .._files import staged_dir
+from .._files import crash_point, staged_dir, write_file
 from .config import TrainConfig
 from .fastpath import enable_fast_path
 from .evaluate import exact_match_accuracy, mean_loss, token_loss_sum
 from .inference import write_adapter_info
 from .plot import write_curve_png
 
-__all__ = ["SFTTrainer", "build_model", "TrainingDiverged", "peak_rss_bytes", "resident_bytes", "resolve_compute_dtype"]
+__all__ = ["SFTTrainer", "TrainingDiverged", "build_model", "peak_rss_bytes", "read_checkpoint", "resident_bytes",
+           "resolve_compute_dtype"]
 
 log = logging.getLogger("qpeft")
 
@@ -140,6 +142,46 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype, model: Any = None, tokeniz
         base.config.use_cache = False
     model.train()
     return model, tokenizer
+
+
+def read_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """The three files of a trainer checkpoint, checked: ``(trainer_state, trainable weights, state.pt)``.
+
+    ``state.pt`` is read with ``torch.load(weights_only=True)`` (no arbitrary
+    objects are unpickled). Raises ``ValueError`` naming the folder when any
+    file is missing, unreadable or not shaped as the trainer writes it.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"cannot resume: the checkpoint in {folder} is unreadable ({why}); "
+                          f"delete it to start over, or resume from a copy")
+
+    try:
+        info = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        weights = load_file(str(folder / "trainable.safetensors"))
+        state = torch.load(folder / "state.pt", weights_only=True, map_location="cpu")
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, pickle and zip readers each raise their own types
+        raise bad(f"{type(e).__name__}: {e}") from None
+    if not isinstance(info, dict):
+        raise bad("trainer_state.json must hold a JSON object")
+    for key in ("step", "metrics_lines"):
+        if isinstance(info.get(key), bool) or not isinstance(info.get(key), int) or info[key] < 0:
+            raise bad(f"trainer_state.json: {key!r} must be a non-negative integer, got {info.get(key)!r}")
+    if info.get("before") is not None and not isinstance(info["before"], dict):
+        raise bad("trainer_state.json: 'before' must be an object or null")
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
+        raise bad("state.pt must hold a dict with 'optimizer', 'scheduler' and 'rng'")
+    if not isinstance(state["optimizer"], dict) or not isinstance(state["scheduler"], dict):
+        raise bad("state.pt: 'optimizer' and 'scheduler' must be state dicts")
+    rng = state["rng"]
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.dim() != 1:
+        raise bad("state.pt: 'rng' must be a torch.get_rng_state() byte tensor")
+    return info, weights, state
 
 
 @dataclass
@@ -421,39 +463,44 @@ class SFTTrainer:
         return {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _save_checkpoint(self, before: Optional[dict]) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save as safetensors_bytes
 
+        # Serialized in memory and written by write_file: a full disk then raises
+        # a plain OSError (torch.save and safetensors report it in their own words).
+        state = io.BytesIO()
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "rng": torch.get_rng_state()}, state)
+        info = {"step": self.step, "metrics_lines": len(self.history), "before": before,
+                "config": self.config.to_dict()}
         with staged_dir(self.out / "checkpoint") as tmp:
-            save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "rng": torch.get_rng_state()}, tmp / "state.pt")
-            state = {"step": self.step, "metrics_lines": len(self.history), "before": before,
-                     "config": self.config.to_dict()}
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str) + "\n")
+            write_file(tmp / "trainable.safetensors", safetensors_bytes(self._trainable_state()))
+            crash_point("checkpoint:weights")
+            write_file(tmp / "state.pt", state.getvalue())
+            crash_point("checkpoint:state")
+            write_file(tmp / "trainer_state.json", json.dumps(info, indent=2, default=str) + "\n")
 
     def _load_checkpoint(self) -> Optional[dict]:
-        from safetensors.torch import load_file
-
         ck = self.out / "checkpoint"
-        try:
-            info = json.loads((ck / "trainer_state.json").read_text())
-            weights = load_file(str(ck / "trainable.safetensors"))
-            state = torch.load(ck / "state.pt", weights_only=True)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ValueError(f"cannot resume: the checkpoint in {ck} is unreadable ({e})") from None
+        info, weights, state = read_checkpoint(ck)
         mine = self._trainable_state()
         if set(weights) != set(mine) or any(weights[k].shape != mine[k].shape for k in mine):
             raise ValueError(f"cannot resume: {ck} holds different trainable weights than this configuration makes "
                              f"(was it written with other LoRA settings or another model?)")
+        if any(weights[k].dtype != mine[k].dtype for k in mine):
+            raise ValueError(f"cannot resume: the weights in {ck} have other dtypes than this run's "
+                             f"(was it written with another compute_dtype?)")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as e:
+            raise ValueError(f"cannot resume: the optimizer state in {ck} does not fit this run ({e})") from None
         with torch.no_grad():
             params = dict(self.model.named_parameters())
             for k, v in weights.items():
                 params[k].copy_(v)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        self.step = int(info["step"])
-        self._truncate_metrics(int(info["metrics_lines"]))
+        self.step = info["step"]
+        self._truncate_metrics(info["metrics_lines"])
         return info.get("before")
 
     def _finish(self, before: Optional[dict], after: Optional[dict], elapsed: float, tokens: int) -> dict[str, Any]:
