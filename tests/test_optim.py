@@ -628,7 +628,14 @@ def test_corrupt_loaded_state_is_a_clear_error():
     first = next(iter(sd["state"]))
     sd["state"][first]["absmax1"] = sd["state"][first]["absmax1"][:-1]
     fresh = AdamW8bit(model.parameters())
-    fresh.load_state_dict(sd)
+    # Caught when loading, before anything is changed ...
+    with pytest.raises(ValueError, match="'absmax1' must be"):
+        fresh.load_state_dict(sd)
+    assert not fresh.state
+    # ... and state damaged after loading is still caught by the step.
+    fresh.load_state_dict(opt.state_dict())
+    param = fresh.param_groups[0]["params"][0]
+    fresh.state[param]["absmax1"] = fresh.state[param]["absmax1"][:-1]
     with pytest.raises(ValueError, match="absmax1 has"):
         _train(model, fresh, 1)
 

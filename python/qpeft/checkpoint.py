@@ -465,17 +465,25 @@ def _parameters_on_meta() -> Iterator[None]:
 
 def _empty_model(transformers, folder: Path) -> nn.Module:
     """The transformers model of ``folder/config.json`` with meta parameters."""
-    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    if hasattr(config, "quantization_config"):
-        # The model is built plain; transformers must not bring in bitsandbytes.
-        del config.quantization_config
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    with _parameters_on_meta():
-        if cls is not None and hasattr(cls, "_from_config"):
-            model = cls._from_config(config)
-        else:
-            model = transformers.AutoModelForCausalLM.from_config(config)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        if hasattr(config, "quantization_config"):
+            # The model is built plain; transformers must not bring in bitsandbytes.
+            del config.quantization_config
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) and arch else None
+        with _parameters_on_meta():
+            if cls is not None and hasattr(cls, "_from_config"):
+                model = cls._from_config(config)
+            else:
+                model = transformers.AutoModelForCausalLM.from_config(config)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers and huggingface_hub raise many types for a bad config
+        raise ValueError(
+            f"{str(folder / CONFIG_FILE)!r} does not describe a model transformers can build "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+        ) from None
     return model
 
 

@@ -137,6 +137,7 @@ class _FusedAdamW(torch.optim.Optimizer):
         the moments and scales here stay float32 for bfloat16 parameters too,
         so they are taken from ``state_dict`` as they were saved.
         """
+        self._check_state_dict(state_dict)
         saved = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
@@ -157,11 +158,86 @@ class _FusedAdamW(torch.optim.Optimizer):
 
     _kind = ""
 
+    def _check_state_dict(self, sd: Any) -> None:
+        """Raise ValueError unless ``sd`` is shaped as this optimizer's :meth:`state_dict`
+        for these parameters (a state dict may come from a damaged or foreign file)."""
+        def bad(why: str) -> ValueError:
+            return ValueError(f"cannot load this {type(self).__name__} state dict: {why}")
+
+        if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict) or not isinstance(
+                sd.get("param_groups"), list):
+            raise bad("expected a dict with 'state' (a dict) and 'param_groups' (a list)")
+        groups = sd["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise bad(f"it has {len(groups)} parameter groups, this optimizer {len(self.param_groups)}")
+        params: dict[int, torch.Tensor] = {}
+        for i, (g, mine) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(g, dict) or not isinstance(g.get("params"), list):
+                raise bad(f"parameter group {i} must be a dict with a 'params' list")
+            if len(g["params"]) != len(mine["params"]):
+                raise bad(f"parameter group {i} has {len(g['params'])} parameters, this optimizer's "
+                          f"{len(mine['params'])}")
+            for pid, p in zip(g["params"], mine["params"]):
+                if not _is_int(pid) or pid in params:
+                    raise bad(f"parameter ids must be distinct integers, got {pid!r}")
+                params[pid] = p
+            _check_group(g, i, bad)
+        for pid, st in sd["state"].items():
+            if pid not in params:
+                raise bad(f"it has state for parameter id {pid!r}, which no group lists")
+            if not isinstance(st, dict):
+                raise bad(f"the state of parameter {pid} must be a dict")
+            if st:
+                _check_step(st.get("step"), pid, bad)
+                self._check_param_state(params[pid], st, pid, bad)
+
+    def _check_param_state(self, p: torch.Tensor, st: dict, pid: int, bad: Callable[[str], ValueError]) -> None:
+        raise NotImplementedError
+
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
     def _update(self, p: torch.Tensor, state: dict[str, Any], step: int, hyper: dict[str, Any]) -> None:
         raise NotImplementedError
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 0 and (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)) and bool(
+            torch.isfinite(x).all())
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_group(g: dict, i: int, bad: Callable[[str], ValueError]) -> None:
+    """The hyperparameters a step reads from a loaded group."""
+    for key in ("lr", "eps", "weight_decay"):
+        if not _is_number(g.get(key)) or float(g[key]) < 0:
+            raise bad(f"parameter group {i}: {key!r} must be a finite non-negative number, got {g.get(key)!r}")
+    betas = g.get("betas")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(
+            _is_number(b) and 0.0 <= float(b) < 1.0 for b in betas):
+        raise bad(f"parameter group {i}: 'betas' must be two numbers in [0, 1), got {betas!r}")
+    if not isinstance(g.get("maximize", False), bool):
+        raise bad(f"parameter group {i}: 'maximize' must be true or false, got {g.get('maximize')!r}")
+
+
+def _check_step(step: Any, pid: int, bad: Callable[[str], ValueError]) -> None:
+    if not _is_number(step) or float(step) < 0 or float(step) != int(float(step)) or float(step) > 2**53:
+        raise bad(f"parameter {pid}: 'step' must be a non-negative whole number, got {step!r}")
+
+
+def _check_moment(t: Any, p: torch.Tensor, key: str, pid: int, bad: Callable[[str], ValueError],
+                  dtypes: tuple[torch.dtype, ...] = ()) -> None:
+    """A per-element state tensor: the parameter's shape, a float dtype (or one of ``dtypes``)."""
+    if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.dtype in dtypes):
+        raise bad(f"parameter {pid}: {key!r} must be a float tensor, got "
+                  f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if t.shape != p.shape:
+        raise bad(f"parameter {pid}: {key!r} has shape {list(t.shape)}, the parameter {list(p.shape)}")
 
 
 def _check_param(p: torch.Tensor) -> None:
@@ -210,6 +286,13 @@ class AdamW(_FusedAdamW):
     """
 
     _kind = "AdamW"
+
+    def _check_param_state(self, p: torch.Tensor, st: dict, pid: int, bad: Callable[[str], ValueError]) -> None:
+        for key in ("exp_avg", "exp_avg_sq"):
+            _check_moment(st.get(key), p, key, pid, bad)
+        if bool((st["exp_avg_sq"] < 0).any()):
+            # Its square root would be NaN: the file is damaged.
+            raise bad(f"parameter {pid}: 'exp_avg_sq' has negative values")
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         _prepare(p)
@@ -274,6 +357,23 @@ class AdamW8bit(_FusedAdamW):
         state["state2"] = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
         state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
         state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+
+    def _check_param_state(self, p: torch.Tensor, st: dict, pid: int, bad: Callable[[str], ValueError]) -> None:
+        for key in ("state1", "state2"):
+            _check_moment(st.get(key), p, key, pid, bad, dtypes=(torch.uint8,))
+        eight_bit = [st[k].dtype == torch.uint8 for k in ("state1", "state2")]
+        if eight_bit[0] != eight_bit[1]:
+            raise bad(f"parameter {pid}: 'state1' and 'state2' must both be 8-bit codes or both float")
+        if not eight_bit[0]:
+            return
+        blocks = -(-p.numel() // F.OPTIM_BLOCKSIZE)
+        for key in ("absmax1", "absmax2"):
+            t = st.get(key)
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() != blocks:
+                raise bad(f"parameter {pid}: {key!r} must be {blocks} float values (one per {F.OPTIM_BLOCKSIZE} "
+                          f"elements)")
+            if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+                raise bad(f"parameter {pid}: {key!r} must hold finite non-negative scales")
 
     def _update(self, p: torch.Tensor, state: dict[str, Any], step: int, hyper: dict[str, Any]) -> None:
         _prepare(p)

@@ -98,7 +98,7 @@ def _turns(items: Any, role_key: str, content_key: str, roles: dict[str, str], w
         if not isinstance(turn, dict):
             raise DataError(f"{where}: turn {i} must be an object, got {type(turn).__name__}")
         role = turn.get(role_key)
-        if role not in roles:
+        if not isinstance(role, str) or role not in roles:
             raise DataError(f"{where}: turn {i} has {role_key}={role!r}; expected one of {sorted(roles)}")
         content = turn.get(content_key)
         if not isinstance(content, str):
@@ -152,25 +152,47 @@ def parse_record(rec: Any, format: str = "auto", where: str = "<record>") -> Exa
     return Example(kind="text", text=_text(rec, "text", where), source=where)
 
 
+def _not_utf8(path: Path, e: UnicodeDecodeError, line: Optional[int] = None) -> DataError:
+    where = f"{path}:{line}" if line else str(path)
+    return DataError(f"{where}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+                     f"save the file as UTF-8")
+
+
+def _too_deep(where: str) -> DataError:
+    return DataError(f"{where}: JSON nested too deeply for Python's parser; records need only a few levels")
+
+
 def _jsonl(path: Path) -> Iterable[tuple[Any, str]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
             where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield _not_utf8(path, e, n), where
+                continue
             if not line.strip():
                 continue
             try:
                 yield json.loads(line), where
             except json.JSONDecodeError as e:
                 yield DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})"), where
+            except RecursionError:
+                yield _too_deep(where), where
 
 
 def _json(path: Path) -> Iterable[tuple[Any, str]]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         # The whole file is unusable: no record boundaries to skip to.
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise _too_deep(str(path)) from None
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         for i, rec in enumerate(doc["data"]):
             yield rec, f"{path}: data[{i}]"

@@ -67,14 +67,32 @@ def read_adapter(directory: Union[str, Path]) -> tuple[PeftConfig, dict[str, tor
     if st.is_file():
         from safetensors.torch import load_file
 
-        raw = load_file(str(st))
+        path = st
+        try:
+            raw = load_file(str(st))
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            raise ValueError(f"{str(st)!r} is not a readable safetensors file: {e}") from None
     elif binary.is_file():
-        raw = torch.load(binary, map_location="cpu", weights_only=True)
+        path = binary
+        try:
+            # weights_only: tensors and plain containers only; a pickle that
+            # names any other object is refused, never run.
+            raw = torch.load(binary, map_location="cpu", weights_only=True)
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - pickle, zip and torch readers each raise their own types
+            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{str(binary)!r} is not a loadable tensor file ({first}); "
+                             f"qpeft reads only tensors from adapter_model.bin, never other pickled objects") from None
+        if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+            raise ValueError(f"{str(binary)!r} must hold a dict of tensors")
     else:
         raise FileNotFoundError(f"{str(directory)!r} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
-    bad = [k for k in raw if not k.startswith(KEY_PREFIX)]
+    bad = [k for k in raw if not isinstance(k, str) or not k.startswith(KEY_PREFIX)]
     if bad:
         raise ValueError(
-            f"{str(st)!r}: keys must start with {KEY_PREFIX!r} (PEFT's layout); found {bad[:3]}"
+            f"{str(path)!r}: keys must start with {KEY_PREFIX!r} (PEFT's layout); found {bad[:3]}"
         )
     return config, {k[len(KEY_PREFIX):]: v for k, v in raw.items()}
