@@ -1,5 +1,6 @@
 """Fuzzing every reader of untrusted files (issue 9): quantized checkpoints (safetensors bytes and headers,
-the quant_state JSON, config.json), adapter directories, optimizer state dicts, and instruction data files.
+the quant_state JSON, config.json), adapter directories, optimizer state dicts, trainer checkpoints, and
+instruction data files.
 
 A reader may raise only its documented exceptions (SECURITY.md): ``ValueError`` (``DataError`` and
 ``json.JSONDecodeError`` are subclasses) for bad contents and ``FileNotFoundError`` for a missing file,
@@ -405,6 +406,53 @@ def test_fuzz_optimizer_state(cls):
         only_documented(f"optimizer state: {cls.__name__}", load_and_step, allowed=ValueError)
 
     run()
+
+
+# ------------------------------------------------------------------ trainer checkpoints
+
+
+@pytest.fixture(scope="module")
+def trainer_checkpoint(tmp_path_factory):
+    """A checkpoint folder as SFTTrainer writes it (its three files), from a real optimizer and scheduler."""
+    from qpeft.train.trainer import read_checkpoint
+
+    folder = tmp_path_factory.mktemp("trainer") / "checkpoint"
+    folder.mkdir()
+    params, opt = _trained(AdamW)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    safetensors_torch.save_file({"a.lora_A.weight": params[0].detach(), "a.lora_B.weight": params[1].detach()},
+                                str(folder / "trainable.safetensors"))
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": torch.get_rng_state()},
+               folder / "state.pt")
+    (folder / "trainer_state.json").write_text(json.dumps({"step": 3, "metrics_lines": 3, "before": None,
+                                                           "config": {"lr": 0.01}}))
+    read_checkpoint(folder)  # the unmutated checkpoint reads
+    return folder
+
+
+@fuzz(60)
+@given(data=st.data())
+def test_fuzz_trainer_checkpoint(tmp_path_factory, trainer_checkpoint, data):
+    from qpeft.train.trainer import read_checkpoint
+
+    folder = copy_dir(trainer_checkpoint, scratch(tmp_path_factory))
+    name = data.draw(st.sampled_from(["trainer_state.json", "state.pt", "trainable.safetensors", "missing"]))
+    if name == "trainer_state.json":
+        genuine = json.loads((trainer_checkpoint / name).read_text())
+        (folder / name).write_text(json.dumps(data.draw(mutated(genuine) | json_values)))
+    elif name == "state.pt":
+        raw = (trainer_checkpoint / name).read_bytes()
+        if data.draw(st.booleans()):
+            cut = data.draw(st.integers(0, len(raw) - 1))
+            raw = raw[:cut] + bytes([data.draw(st.integers(0, 255))]) + raw[cut + 1:]
+        else:
+            raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
+        (folder / name).write_bytes(raw)
+    elif name == "trainable.safetensors":
+        (folder / name).write_bytes(data.draw(mutated_safetensors((trainer_checkpoint / name).read_bytes())))
+    else:
+        (folder / data.draw(st.sampled_from(["trainer_state.json", "state.pt", "trainable.safetensors"]))).unlink()
+    only_documented("trainer checkpoint", lambda: read_checkpoint(folder))
 
 
 # ------------------------------------------------------------------ data files

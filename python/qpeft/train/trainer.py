@@ -172,8 +172,11 @@ def read_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
     for key in ("step", "metrics_lines"):
         if isinstance(info.get(key), bool) or not isinstance(info.get(key), int) or info[key] < 0:
             raise bad(f"trainer_state.json: {key!r} must be a non-negative integer, got {info.get(key)!r}")
-    if info.get("before") is not None and not isinstance(info["before"], dict):
-        raise bad("trainer_state.json: 'before' must be an object or null")
+    before = info.get("before")
+    if before is not None and not (isinstance(before, dict) and {"accuracy", "eval_loss", "by_task"} <= set(before)
+                                   and all(isinstance(before[k], (int, float)) and not isinstance(before[k], bool)
+                                           for k in ("accuracy", "eval_loss"))):
+        raise bad("trainer_state.json: 'before' must be null or the first evaluation (accuracy, eval_loss, by_task)")
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
         raise bad("state.pt must hold a dict with 'optimizer', 'scheduler' and 'rng'")
     if not isinstance(state["optimizer"], dict) or not isinstance(state["scheduler"], dict):
