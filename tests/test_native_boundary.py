@@ -287,3 +287,29 @@ def test_kernels_from_many_python_threads_match_single_thread():
     for (tid, name, rep), got in results.items():
         for a, b in zip(got, expected[name]):
             assert torch.equal(a, b), f"{name} in thread {tid} (repeat {rep}) differs from the single-thread result"
+
+
+def test_kernels_release_the_gil():
+    """While one thread is inside a long kernel call, another runs Python code: the GIL is released.
+    (With the GIL held, no Python line of the main thread could run in the middle of the call.)"""
+    import time
+
+    tokens, n, k = 256, 2048, 2048
+    packed, absmax = _q4(n * k, 64)
+    x, out = f32(tokens * k), np.empty(tokens * n, np.float32)
+    window: list[float] = []
+
+    def call():
+        window.append(time.perf_counter())
+        _native.gemv_4bit(x, "float32", tokens, packed, "nf4", 64, n, k, out, 1, absmax=absmax)
+        window.append(time.perf_counter())
+
+    ticks = []
+    t = threading.Thread(target=call)
+    t.start()
+    while t.is_alive():
+        ticks.append(time.perf_counter())
+    t.join()
+    start, end = window
+    middle = [x for x in ticks if start + 0.25 * (end - start) <= x <= start + 0.75 * (end - start)]
+    assert middle, f"the main thread never ran during the {1e3 * (end - start):.0f} ms native call"
