@@ -191,10 +191,54 @@ def test_native_rejects_bad_arguments(fn, name, kwargs, exc):
     assert str(info.value), "the exception must say what was wrong"
 
 
+ADAMW_SCALARS = [1.0, 0.1, 0.999, 0.001, 0.03, 1e-8, -1e-3]
+
+
+def paged_cases():
+    """The paged optimizer's state object (rust/src/paged_adamw.rs): every method with bad arguments."""
+    def fresh():
+        s = _native.PagedState(4096, 1 << 20)
+        return s, s.add_param(1000, "f32"), s.add_param(1000, "q8")
+
+    def item(pid, n=1000, g=1000, kind="adamw", scalars=ADAMW_SCALARS):
+        return (pid, np.zeros(n, np.float32), np.zeros(g, np.float32), "float32", kind, scalars, False)
+
+    z = lambda n, t=np.float32: np.zeros(n, t)  # noqa: E731
+    yield "page size 0", lambda: _native.PagedState(0, 1 << 20)
+    yield "page size not a multiple of 4096", lambda: _native.PagedState(1001, 1 << 20)
+    yield "resident smaller than a page", lambda: _native.PagedState(4096, 0)
+    yield "unknown kind", lambda: fresh()[0].add_param(10, "f16")
+    yield "transfer, short m", lambda: (lambda s, f, q: s.transfer_f32(f, z(999), z(1000), True))(*fresh())
+    yield "transfer, unknown id", lambda: (lambda s, f, q: s.transfer_f32(99, z(1000), z(1000), True))(*fresh())
+    yield "transfer, f32 into q8", lambda: (lambda s, f, q: s.transfer_f32(q, z(1000), z(1000), True))(*fresh())
+    yield "transfer, short absmax", lambda: (lambda s, f, q: s.transfer_q8(
+        q, z(1000, np.uint8), z(1000, np.uint8), z(1), z(4), True))(*fresh())
+    yield "step, short grad", lambda: (lambda s, f, q: s.step([item(f, g=999)], 1))(*fresh())
+    yield "step, unknown id", lambda: (lambda s, f, q: s.step([item(77)], 1))(*fresh())
+    yield "step, adamw scalars for q8", lambda: (lambda s, f, q: s.step([item(q)], 1))(*fresh())
+    yield "step, scalars short", lambda: (lambda s, f, q: s.step([item(f, scalars=[1.0])], 1))(*fresh())
+    yield "step, same arrays twice", lambda: (lambda s, f, q: s.step([item(f)] * 2, 1))(*fresh())
+
+    def closed():
+        s, f, _ = fresh()
+        s.close()
+        s.add_param(10, "f32")
+
+    yield "closed", closed
+
+
+@pytest.mark.parametrize("name,call", list(paged_cases()), ids=[c[0] for c in paged_cases()])
+def test_paged_state_rejects_bad_arguments(name, call):
+    with pytest.raises(BAD) as info:
+        call()
+    assert str(info.value)
+
+
 def test_every_native_function_is_covered():
     """A new binding must get its row of bad-argument cases above."""
     exported = {n for n in dir(_native) if callable(getattr(_native, n)) and not n.startswith("__")}
-    covered = {c[0].__name__ for c in CASES} | {"cpu_isa", "code_4bit", "dynamic_map", "_panic_for_test"}
+    covered = {c[0].__name__ for c in CASES} | {"cpu_isa", "code_4bit", "dynamic_map", "_panic_for_test",
+                                                 "PagedState"}
     assert exported <= covered, f"no boundary cases for {sorted(exported - covered)}"
 
 
