@@ -397,6 +397,37 @@ def test_training_on_a_4bit_base_reduces_the_loss_and_leaves_the_base_unchanged(
     assert hash_base(qm) == before
 
 
+@pytest.mark.parametrize("method", ["prompt", "ptuning", "prefix"])
+def test_the_trainer_runs_the_prompt_methods_on_a_4bit_base(method, tiny_llama_dir, tok, tmp_path):
+    from qpeft import Linear4bit
+    from qpeft.train import SFTTrainer, TrainConfig
+
+    cfg = TrainConfig(method=method, num_virtual_tokens=6, n_train=16, n_eval=4, eval_examples=2, max_new_tokens=2,
+                      max_steps=3, batch_size=4, warmup_steps=1, save_every=0, lr=1e-2, out_dir=str(tmp_path / "run"),
+                      compute_dtype="float32")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    trainer = SFTTrainer(cfg, model=model, tokenizer=tok, progress=lambda r: None)
+    summary = trainer.train()
+    assert summary["steps"] == 3
+    assert any(isinstance(m, Linear4bit) for m in trainer.model.modules())
+    keys, written = saved(tmp_path / "run" / "adapter")
+    kind = {"prompt": "PROMPT_TUNING", "ptuning": "P_TUNING", "prefix": "PREFIX_TUNING"}[method]
+    assert written["peft_type"] == kind and written["num_virtual_tokens"] == 6 and list(keys) == ["prompt_embeddings"]
+    # The trained adapter serves in PEFT on the same (dequantized) weights.
+    dense = dequantize_model(copy.deepcopy(trainer.model.get_base_model()))
+    pm = peft.PeftModel.from_pretrained(dense, tmp_path / "run" / "adapter").eval()
+    x = torch.tensor([tok("Sort the words: b a")["input_ids"]])
+    trainer.model.eval()
+    torch.testing.assert_close(run(pm, x).logits, run(trainer.model, x).logits, rtol=0, atol=1e-5)
+
+
+def test_trainer_refuses_prefix_tuning_with_gradient_checkpointing():
+    from qpeft.train import TrainConfig
+
+    with pytest.raises(ValueError, match="prefix tuning does not work with gradient_checkpointing"):
+        TrainConfig(method="prefix", gradient_checkpointing=True)
+
+
 # ------------------------------------------------------------ bad input
 
 

