@@ -195,8 +195,8 @@ def test_4bit_base_equals_peft_on_the_dequantized_model(method):
 # ------------------------------------------------------------ generation
 
 
-@pytest.mark.parametrize("method", ["prompt", "ptuning-lstm", "prefix", "prefix-projection"])
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family,method", [("llama", "prompt"), ("llama", "ptuning-lstm"), ("llama", "prefix"),
+                                           ("llama", "prefix-projection"), ("gpt2", "prompt"), ("gpt2", "prefix")])
 def test_generate_equals_greedy_forward_and_handles_padding(family, method):
     _, qm = pair(tiny(family), method)
     x, mask, _ = batch(length=7)
@@ -205,6 +205,10 @@ def test_generate_equals_greedy_forward_and_handles_padding(family, method):
         out = qm.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)
         assert torch.equal(out, greedy(qm, x, 6))
         assert torch.equal(qm.generate(input_ids=x, use_cache=False, **kw), out)
+        # Given embeddings instead of ids, generate returns only the new tokens.
+        embeds = qm.get_input_embeddings()(x)
+        assert torch.equal(qm.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(x), **kw),
+                           out[:, x.shape[1]:])
         # A left-padded row generates what it generates alone: the virtual tokens sit before the padding.
         padded = qm.generate(input_ids=x, attention_mask=mask, **kw)
         alone = qm.generate(input_ids=x[1:, 2:], **kw)
@@ -220,8 +224,8 @@ def test_generate_equals_greedy_forward_and_handles_padding(family, method):
 # ------------------------------------------------------- files, interop
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family,method", [("llama", m) for m in sorted(METHODS)] + [("gpt2", "prompt"),
+                                                                                     ("gpt2", "prefix")])
 def test_adapters_cross_load_between_qpeft_and_peft(family, method, tmp_path):
     base = tiny(family)
     x, mask, _ = batch()

@@ -358,10 +358,11 @@ class PromptLearningModel(nn.Module):
         own = model.__dict__.get("prepare_inputs_for_generation")
         original = model.prepare_inputs_for_generation
 
-        # transformers reads this function's signature: the catch-all must be called kwargs.
         def prepare_inputs_for_generation(*args, **kwargs):
             return self._with_virtual_tokens(original(*args, **kwargs))
 
+        # generate() reads this signature to decide which inputs (inputs_embeds, ...) the model accepts.
+        prepare_inputs_for_generation.__signature__ = inspect.signature(original)
         model.prepare_inputs_for_generation = prepare_inputs_for_generation
         try:
             return model.generate(*args, **kwargs)
