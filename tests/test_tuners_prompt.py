@@ -52,7 +52,8 @@ METHODS = {
                      dict(encoder_reparameterization_type="LSTM", encoder_hidden_size=24, encoder_num_layers=2,
                           encoder_dropout=0.1)),
     "prefix": (PrefixTuningConfig, "PrefixTuningConfig", {}),
-    "prefix-projection": (PrefixTuningConfig, "PrefixTuningConfig", dict(prefix_projection=True, encoder_hidden_size=40)),
+    "prefix-projection": (PrefixTuningConfig, "PrefixTuningConfig",
+                          dict(prefix_projection=True, encoder_hidden_size=40)),
 }
 
 
@@ -248,7 +249,8 @@ def test_adapters_cross_load_between_qpeft_and_peft(family, method, tmp_path):
     # except its version stamp.
     qm.save_pretrained(tmp_path / "q2")
     (k1, c1), (k2, c2) = saved(tmp_path / "p"), saved(tmp_path / "q2")
-    assert list(k1) == list(k2) == ["prompt_embeddings"] and torch.equal(k1["prompt_embeddings"], k2["prompt_embeddings"])
+    assert list(k1) == list(k2) == ["prompt_embeddings"]
+    assert torch.equal(k1["prompt_embeddings"], k2["prompt_embeddings"])
     c1.pop("peft_version")
     assert c1 == c2
 
@@ -333,7 +335,8 @@ def test_text_init_equals_peft_with_a_folder_or_a_tokenizer_object(tiny_llama_di
 def test_sample_vocab_and_random_init():
     base = tiny("llama")
     table = base.get_input_embeddings().weight
-    qm = get_peft_model(copy.deepcopy(base), PromptTuningConfig(num_virtual_tokens=50, prompt_tuning_init="SAMPLE_VOCAB"))
+    sample = PromptTuningConfig(num_virtual_tokens=50, prompt_tuning_init="SAMPLE_VOCAB")
+    qm = get_peft_model(copy.deepcopy(base), sample)
     rows = qm.base_model.prompt_encoder["default"].embedding.weight
     # Every virtual token is some vocabulary entry's embedding.
     assert all(bool((table == r).all(-1).any()) for r in rows)

@@ -250,6 +250,8 @@ def deep_prompt_tuning_config(num_virtual_tokens: int, **kwargs: Any) -> PrefixT
     adapter is saved as ``PREFIX_TUNING`` and loads in PEFT as such.
     """
     if kwargs.get("prefix_projection"):
-        raise ValueError("deep prompt tuning (P-tuning v2) trains the prefixes directly: prefix_projection must be False")
+        raise ValueError(
+            "deep prompt tuning (P-tuning v2) trains the prefixes directly: prefix_projection must be False"
+        )
     kwargs["prefix_projection"] = False
     return PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, **kwargs)

@@ -324,7 +324,9 @@ class PromptLearningModel(nn.Module):
         batch = first.shape[0]
         if attention_mask is not None:
             if attention_mask.dim() != 2:
-                raise ValueError(f"prompt methods take a 2-D attention mask (batch, tokens), got {attention_mask.dim()}-D")
+                raise ValueError(
+                    f"prompt methods take a 2-D attention mask (batch, tokens), got {attention_mask.dim()}-D"
+                )
             attention_mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
         if kwargs.get("token_type_ids") is not None:
             warnings.warn("token_type_ids are ignored by prompt methods (as in PEFT)", stacklevel=2)
