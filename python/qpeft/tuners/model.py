@@ -20,11 +20,14 @@ from torch import nn
 from .config import PeftConfig
 from .files import DEFAULT_ADAPTER, adapter_dir, read_adapter, write_adapter
 from .lora_model import LoraModel
+from .prompt_config import PREFIX_TUNING, PROMPT_TUNING, P_TUNING
+from .prompt_model import PromptLearningModel
 
 __all__ = ["PeftModel", "get_peft_model"]
 
 # peft_type -> the class that injects that method into a model.
 _TUNERS: dict[str, type[nn.Module]] = {"LORA": LoraModel}
+_TUNERS.update({kind: PromptLearningModel for kind in (PROMPT_TUNING, P_TUNING, PREFIX_TUNING)})
 
 
 def _tuner_for(config: PeftConfig) -> type[nn.Module]:
@@ -59,7 +62,7 @@ class PeftModel(nn.Module):
 
     def generate(self, *args, **kwargs):
         """The wrapped model's ``generate``, with the active adapters applied."""
-        return self.base_model.model.generate(*args, **kwargs)
+        return self.base_model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
