@@ -67,13 +67,13 @@ def _check_and_reload(q4_copy, peft_model, tok, before_hash, before_params, out_
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-def _trainer_run(model, tok, out_dir, steps=3, batch=2, max_length=64):
+def _trainer_run(model, tok, out_dir, steps=3, batch=2, max_length=64, **kw):
     encoded = D.encode_all([D.parse_record(r) for r in _records()], tok, "course", max_length=max_length)
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
     pad = D.pad_token_id(tok)
     args = transformers.TrainingArguments(
         output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-2,
-        use_cpu=True, save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True,
+        use_cpu=True, save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, **kw,
     )
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=rows,
@@ -89,8 +89,9 @@ def test_trainer_trains_a_4bit_lora_model_and_it_saves_a_peft_adapter(tok, tmp_p
     q4_copy = copy.deepcopy(q4)
     pm = get_peft_model(q4, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     before, params = _hash_base(pm), {n: p.detach().clone() for n, p in pm.named_parameters()}
-    trainer = _trainer_run(pm, tok, tmp_path / "run")
-    assert trainer.model is pm
+    # Trainer turns checkpointing on through the model (PeftModel passes it to the transformers model).
+    trainer = _trainer_run(pm, tok, tmp_path / "run", activation_checkpointing=True)
+    assert trainer.model is pm and pm.get_base_model().is_activation_checkpointing
     _check_and_reload(q4_copy, pm, tok, before, params, tmp_path / "adapter")
 
 

@@ -17,10 +17,10 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-from .config import PeftConfig
-from .files import DEFAULT_ADAPTER, adapter_dir, read_adapter, write_adapter
 from .bottleneck_config import BOTTLENECK
 from .bottleneck_model import BottleneckModel
+from .config import PeftConfig
+from .files import DEFAULT_ADAPTER, adapter_dir, read_adapter, write_adapter
 from .lora_model import LoraModel
 
 __all__ = ["PeftModel", "get_peft_model"]
