@@ -52,7 +52,7 @@ def test_config_validation_and_files(tmp_path):
         TrainConfig.from_file(path)
 
 
-@pytest.mark.parametrize("method", ["qlora", "lora"])
+@pytest.mark.parametrize("method", ["qlora", "lora", "adapter"])
 def test_a_short_run_writes_everything(tok, tmp_path, method):
     cfg = _cfg(tmp_path, method=method)
     trainer = SFTTrainer(cfg, model=_tiny(tok), tokenizer=tok, progress=lambda r: None)
@@ -66,9 +66,10 @@ def test_a_short_run_writes_everything(tok, tmp_path, method):
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     losses = _losses(run)
     assert len(losses) == 6 and all(l == l for l in losses)
-    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    peft_type = json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"]
+    assert peft_type == ("QPEFT_BOTTLENECK" if method == "adapter" else "LORA")
     assert not list(run.glob(".*tmp*"))
-    if method == "qlora":
+    if method in ("qlora", "adapter"):
         from qpeft import Linear4bit
         assert any(isinstance(m, Linear4bit) for m in trainer.model.modules())
 

