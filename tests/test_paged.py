@@ -21,10 +21,13 @@ import textwrap
 import pytest
 import torch
 
+import qpeft
 from qpeft.optim import AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit, estimate_state_bytes
 
 PAGE = 4096
-PYTHON_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+# Where this process imported qpeft from (the checkout's python/ in development,
+# site-packages in CI), so the subprocesses run the same build.
+PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(qpeft.__file__)))
 
 
 @pytest.fixture(autouse=True)
