@@ -119,13 +119,15 @@ def _loss_and_grads(model, batch):
     return float(loss.detach()) / n, grads
 
 
+@pytest.mark.parametrize("recompute_mlp", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_path_model_matches_the_plain_model(tiny_llama_dir, dtype):
+def test_fast_path_model_matches_the_plain_model(tiny_llama_dir, dtype, recompute_mlp):
     plain = _qlora(tiny_llama_dir, dtype)
     fast = copy.deepcopy(plain)
     assert lm_parts(plain) is not None
-    switched = enable_fast_path(fast)
-    assert set(switched) == {"chunked-loss", "lora-compute-dtype", "rmsnorm", "swiglu"}
+    switched = enable_fast_path(fast, recompute_mlp=recompute_mlp, trim_every=1)
+    assert set(switched) == {"chunked-loss", "lora-compute-dtype", "rmsnorm", "swiglu", "heap-trim"} | (
+        {"recompute-mlp"} if recompute_mlp else set())
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, plain.config.vocab_size, (2, 13), generator=g)
     labels = ids.clone()
@@ -167,3 +169,58 @@ def test_packed_batch_loss_is_the_same_through_the_chunked_path(tiny_llama_dir):
                               ignore_index=-100, reduction="sum")
     assert fast[1] == int((labels[:, 1:] != -100).sum())
     torch.testing.assert_close(fast[0].detach(), ref, rtol=1e-5, atol=1e-5)
+
+
+def _saved_shapes(model, batch) -> list[tuple]:
+    """Shapes of the activations autograd keeps for one step (parameters and buffers excluded)."""
+    from qpeft.train import token_loss_sum
+
+    owned = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    shapes = []
+
+    def pack(t):
+        if t.data_ptr() not in owned:
+            shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, n = token_loss_sum(model, batch)
+    (loss / n).backward()
+    return shapes
+
+
+def test_recomputed_mlp_keeps_no_mlp_activation(tiny_llama_dir):
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(3))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    kept = {}
+    for recompute in (False, True):
+        model = _qlora(tiny_llama_dir, torch.float32)
+        enable_fast_path(model, recompute_mlp=recompute)
+        kept[recompute] = _saved_shapes(model, batch)
+        # state_dict keys are still transformers' (the folded norm is not a new submodule).
+        assert all("_qpeft" not in k for k in model.state_dict())
+    inter = model.config.intermediate_size
+    # Without recomputation the gate/up outputs and the down projection's input (2 x 9 x 128) are kept;
+    # with it, nothing of the MLP's width, and fewer tensors in all.
+    assert sum(s[-1] == inter for s in kept[False]) >= 3 * model.config.num_hidden_layers
+    assert not any(s[-1] == inter for s in kept[True])
+    assert len(kept[True]) < len(kept[False])
+
+
+def test_heap_trim_hooks_run_in_forward_and_backward(tiny_llama_dir, monkeypatch):
+    import qpeft.train.fastpath as fastpath
+
+    calls = []
+    monkeypatch.setattr(fastpath, "release_free_memory", lambda: calls.append(torch.is_grad_enabled()))
+    model = _qlora(tiny_llama_dir, torch.float32)
+    assert "heap-trim" in enable_fast_path(model, trim_every=1)
+    enable_fast_path(model, trim_every=1)  # a second call adds no second set of hooks
+    ids = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(4))
+    _loss_and_grads(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    layers = model.config.num_hidden_layers
+    # One per layer in forward; in backward one per layer whose input needs a gradient (all but the first).
+    assert len(calls) == 2 * layers - 1
+    calls.clear()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert calls == []

@@ -20,7 +20,7 @@ from .chunked_loss import chunk_rows
 from .config import FOUR_BIT_METHODS, PROMPT_METHODS, TrainConfig
 from .fastpath import _PLAIN_HEAD_TYPES
 
-__all__ = ["MemoryPlan", "plan_memory", "model_shapes", "tokenizer_for"]
+__all__ = ["MemoryPlan", "import_model_code", "plan_memory", "model_shapes", "tokenizer_for"]
 
 _BITS_4BIT = 4.127  # NF4, blocks of 64, double-quantized scales
 _GB = 2**30
@@ -43,7 +43,7 @@ class MemoryPlan:
     def table(self) -> str:
         rows = [f"{k:<34} {v / _GB:8.3f} GB" for k, v in self.items.items()]
         rows += [
-            f"{'process baseline (torch, transformers)':<34} {self.baseline / _GB:8.3f} GB",
+            f"{'process baseline (torch, model code)':<34} {self.baseline / _GB:8.3f} GB",
             f"{'peak while loading and quantizing':<34} {self.load_peak / _GB:8.3f} GB (+ baseline)",
             f"{'peak while training':<34} {self.train_peak / _GB:8.3f} GB (+ baseline)",
             f"{'planned peak resident memory':<34} {self.peak / _GB:8.3f} GB",
@@ -85,6 +85,23 @@ def _config_of(model: Optional[str]) -> tuple[dict[str, Any], Optional[Path]]:
     return json.loads(cfg.read_text()), weights if weights.is_file() else None
 
 
+def import_model_code(model: Optional[str]) -> None:
+    """Import the transformers modeling code of ``model``'s architecture, which the
+    process keeps for the whole run (with whatever transformers imports alongside
+    it, e.g. torchao's 0.2 GB when that is installed), so a baseline measured
+    afterwards includes it. Does nothing for a model it cannot resolve."""
+    try:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        config, _ = _config_of(model)
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""))
+        if name:
+            getattr(transformers, name)
+    except (OSError, ValueError, KeyError, ImportError, AttributeError):
+        pass
+
+
 def tokenizer_for(model: Optional[str]) -> Any:
     """The tokenizer of a model folder (or of the default model), without its weights."""
     import transformers
@@ -101,7 +118,7 @@ def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
     ``tokens_per_example``: the longest micro-batch's sequence length (default:
     ``cfg.max_length``; the trainer passes the data's own). ``baseline``: the
     process's memory before the model loads (default: this process's, after
-    importing torch and transformers).
+    importing torch, transformers and the model's modeling code).
     """
     from .trainer import resident_bytes, resolve_compute_dtype
 
@@ -109,6 +126,8 @@ def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
     import torch
 
     model_cfg, weights_file = _config_of(cfg.model)
+    if baseline is None:
+        import_model_code(cfg.model)
     s = model_shapes(model_cfg)
     dtype = resolve_compute_dtype(cfg.compute_dtype)
     wbytes = torch.finfo(dtype).bits // 8
@@ -149,18 +168,26 @@ def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
         state = min(state, float(cfg.optimizer_resident_mb << 20))
     plan.items[f"optimizer state ({cfg.optimizer})"] = state
     fast = cfg.fast_path and model_cfg.get("model_type") in _PLAIN_HEAD_TYPES
+    q, kvd = s["q"], s["kv"]
+    heads = int(model_cfg["num_attention_heads"])
     # Saved for backward per layer and token: the inputs of the adapted
     # projections (attention input, its output, MLP input, down-projection
     # input), the low-rank products, norms, attention and MLP intermediates.
     per_token_layer = (8 * h + 5 * inter) * wbytes + 7 * r * 4
-    if fast:
-        # Fused norms and SwiGLU keep the compute-dtype inputs only; the
-        # low-rank products are kept in the compute dtype.
-        per_token_layer = (7 * h + 3 * inter) * wbytes + 7 * r * wbytes
+    recompute = 0.0
+    if fast and not cfg.gradient_checkpointing:
+        # Attention half: norm input and output, q, k, v, the attention output,
+        # one log-sum-exp per head, four low-rank products; the MLP half keeps
+        # only its input and is recomputed in backward, one layer at a time.
+        per_token_layer = (3 * h + 2 * q + 2 * kvd) * wbytes + 4 * r * wbytes + 4 * heads
+        recompute = tokens * ((3 * inter + 2 * h) * wbytes + 2 * h * 4)
     if cfg.gradient_checkpointing:
         per_token_layer = h * wbytes * 2
+        recompute = tokens * ((8 * h + 5 * inter) * wbytes + 2 * h * 4)
     activations = tokens * layers * per_token_layer
     plan.items["activations saved for backward"] = activations
+    if recompute:
+        plan.items["one layer recomputed in backward"] = recompute
     if fast:
         # The chunked loss: one chunk of logits (compute dtype, fp32, its gradient) at a time.
         rows = min(tokens, chunk_rows(vocab))
@@ -173,7 +200,7 @@ def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
     scratch = max(o * i for o, i in s["linear_shapes"]) * wbytes * 2
     plan.items["dequantize scratch"] = scratch
     mapped = weights_file.stat().st_size if weights_file is not None else 0.0
-    plan.train_peak = linear + other + adapter * 2 + state + activations + logits + scratch
+    plan.train_peak = linear + other + adapter * 2 + state + activations + recompute + logits + scratch
     if cfg.method in FOUR_BIT_METHODS:
         # Read tensor by tensor (qpeft.stream_load): the largest tensor, as stored
         # and in the compute dtype, is the only dense copy at any time.

@@ -32,6 +32,7 @@ from .. import data as D
 from .._files import crash_point, staged_dir, write_file
 from .config import FOUR_BIT_METHODS, PROMPT_METHODS, TrainConfig
 from .fastpath import enable_fast_path
+from .heap import release_free_memory
 from .evaluate import exact_match_accuracy, mean_loss, token_loss_sum
 from .inference import write_adapter_info
 from .plot import write_curve_png
@@ -62,23 +63,11 @@ def resident_bytes() -> int:
 
 
 def _release_free_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc). Every batch has its own
+    """Hand freed heap pages back to the OS after a step. Every batch has its own
     padded length, so tensors of ever new sizes fragment the heap, and the
     process's memory would creep up step after step (measured: 2.1 -> 2.9 GB
-    over the default run's 200 steps without this; ~50 ms per call)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
+    over the default run's 200 steps without this)."""
+    release_free_memory()
 
 
 def _init_distributed() -> tuple[int, int]:
@@ -133,7 +122,8 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype, model: Any = None, tokeniz
             model = quantize_model(model, compute_dtype=dtype)
         model = get_peft_model(model, cfg.adapter_config())
     if cfg.fast_path:
-        enable_fast_path(model)
+        # Whole-layer checkpointing recomputes the MLP anyway.
+        enable_fast_path(model, recompute_mlp=not cfg.gradient_checkpointing)
     if cfg.gradient_checkpointing:
         base = model.get_base_model()
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -218,6 +208,12 @@ class SFTTrainer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         torch.manual_seed(config.seed)
         random.seed(config.seed)
+        if model is None:
+            # Counted in the baseline the plan is measured against, as `qpeft plan` counts it.
+            from .plan import import_model_code
+
+            import_model_code(config.model)
+            release_free_memory()
         self._baseline_rss = resident_bytes()
         self._model_given = model is not None
         self.model, self.tokenizer = self._build_model(model, tokenizer)

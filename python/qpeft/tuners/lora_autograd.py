@@ -71,7 +71,12 @@ class LoraMatMul4bit(torch.autograd.Function):
             result = functional.linear_4bit(x, weight, quant_state)
             if bias is not None:
                 result = result + bias.to(result.dtype)
-            out = result.to(lora_dtype) + lora * scaling
+            if result.dtype == lora_dtype != A.dtype:
+                # Compute-dtype adapter path (the trainer's fast path): one fused
+                # pass into the fresh result instead of a scaled copy and a sum.
+                out = result.add_(lora, alpha=scaling)
+            else:
+                out = result.to(lora_dtype) + lora * scaling
         else:
             W = functional.dequantize_4bit(weight, quant_state).to(x.dtype)
             base = F.linear(x, W)
