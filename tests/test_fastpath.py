@@ -224,3 +224,24 @@ def test_heap_trim_hooks_run_in_forward_and_backward(tiny_llama_dir, monkeypatch
     with torch.no_grad():
         model(input_ids=ids)
     assert calls == []
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("t", [1, 7, 33])
+def test_causal_attention_gradients_match_sdpa(groups, t):
+    from qpeft.train.attention import causal_attention
+
+    g = torch.Generator().manual_seed(t * 10 + groups)
+    q = torch.randn(2, 2 * groups, t, 16, generator=g, dtype=torch.float64).requires_grad_()
+    k = torch.randn(2, 2, t, 16, generator=g, dtype=torch.float64).requires_grad_()
+    v = torch.randn(2, 2, t, 16, generator=g, dtype=torch.float64).requires_grad_()
+    d_out = torch.randn(2, 2 * groups, t, 16, generator=g, dtype=torch.float64)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
+                                         is_causal=True)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), d_out)
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    out = causal_attention(qf, kf, vf)
+    grads = torch.autograd.grad(out, (qf, kf, vf), d_out.float())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
