@@ -262,6 +262,12 @@ def test_pack_and_collate_shapes():
         D.pack(ex, max_length=3)
     u = D.collate(ex, pad_token_id=0)
     assert u["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    # Rounded up to a multiple: padding carries no attention and no loss.
+    u8 = D.collate(ex, pad_token_id=0, pad_to_multiple_of=3)
+    assert u8["input_ids"].tolist() == [[1, 2, 3, 0, 0, 0], [4, 5, 0, 0, 0, 0], [6, 7, 8, 9, 0, 0]]
+    assert u8["attention_mask"].sum().item() == 9 and u8["labels"][2].tolist() == [6, 7, 8, 9, -100, -100]
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        D.collate(ex, pad_token_id=0, pad_to_multiple_of=0)
 
 
 # --------------------------------------------------------- generated tasks

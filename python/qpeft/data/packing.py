@@ -70,11 +70,14 @@ def _pad(rows: Sequence[Sequence[int]], value: int, length: int) -> torch.Tensor
     return out
 
 
-def collate(batch: Sequence[Encoded], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding)."""
+def collate(batch: Sequence[Encoded], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding),
+    as long as the longest example rounded up to a multiple of ``pad_to_multiple_of``."""
     if not batch:
         raise ValueError("an empty batch")
-    length = max(len(e) for e in batch)
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be at least 1, got {pad_to_multiple_of}")
+    length = -(-max(len(e) for e in batch) // pad_to_multiple_of) * pad_to_multiple_of
     mask = torch.zeros(len(batch), length, dtype=torch.long)
     for i, e in enumerate(batch):
         mask[i, : len(e)] = 1

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["CausalAttention", "causal_attention"]
+__all__ = ["CausalAttention", "IMPLEMENTATION", "causal_attention", "use_dense_backward_attention"]
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -58,3 +58,46 @@ class CausalAttention(torch.autograd.Function):
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
     """:class:`CausalAttention` with the default scale ``1/sqrt(D)``."""
     return CausalAttention.apply(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+#: The attention implementation name :func:`use_dense_backward_attention` gives a transformers model.
+IMPLEMENTATION = "qpeft_sdpa"
+
+
+def _attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                       scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    t = query.shape[2]
+    plain_causal = (
+        attention_mask is None and dropout == 0.0 and t > 1 and key.shape[2] == t and query.device.type == "cpu"
+        and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        and query.shape[1] % key.shape[1] == 0
+        and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+        and not kwargs.get("output_attentions", False)
+        and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    )
+    if not plain_causal:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = causal_attention(query, key, value, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_dense_backward_attention(model) -> bool:
+    """Give a transformers model that attends with ``sdpa`` the implementation above:
+    unmasked causal self-attention under autograd takes :class:`CausalAttention`,
+    everything else (masks, packing, decoding, no_grad) transformers' own SDPA
+    path, with the same masks. Returns whether the model was switched."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", IMPLEMENTATION):
+        return False
+    if IMPLEMENTATION not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, _attention_forward)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+    # Not written by save_pretrained (transformers drops it from config.json).
+    config._attn_implementation = IMPLEMENTATION
+    return True

@@ -43,7 +43,7 @@ def mean_loss(model: Any, examples: Sequence[Encoded], pad_token_id: int, batch_
     total, count = 0.0, 0
     try:
         for i in range(0, len(examples), batch_size):
-            loss, n = token_loss_sum(model, collate(examples[i:i + batch_size], pad_token_id))
+            loss, n = token_loss_sum(model, collate(examples[i:i + batch_size], pad_token_id, 8))
             total += float(loss)
             count += n
     finally:

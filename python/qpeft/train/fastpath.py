@@ -51,6 +51,8 @@ _DECODER_LAYERS = {"LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"
 
 #: Decoder layers between two returns of free heap memory to the OS (forward and backward).
 TRIM_EVERY = 5
+#: Whether the fast path switches attention to :mod:`qpeft.train.attention` by default.
+DENSE_ATTENTION_BACKWARD = False
 
 
 class FusedRMSNorm(torch.autograd.Function):
@@ -162,14 +164,18 @@ def _is_silu(act: Any) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def enable_fast_path(model: nn.Module, recompute_mlp: bool = True, trim_every: int = TRIM_EVERY) -> list[str]:
+def enable_fast_path(model: nn.Module, recompute_mlp: bool = True, trim_every: int = TRIM_EVERY,
+                     dense_attention_backward: bool = DENSE_ATTENTION_BACKWARD) -> list[str]:
     """Switch ``model`` (a transformers causal LM, possibly wrapped by
     :func:`qpeft.tuners.get_peft_model`) to the fused pieces above, in place.
 
     ``recompute_mlp`` recomputes each decoder layer's feed-forward half in
     backward (turn it off when whole layers are checkpointed anyway, or to
     trade memory for speed); ``trim_every`` is the number of decoder layers
-    between returns of free heap memory to the OS (0: never).
+    between returns of free heap memory to the OS (0: never);
+    ``dense_attention_backward`` computes unmasked causal attention's backward
+    from recomputed scores (:mod:`qpeft.train.attention`) instead of PyTorch's
+    CPU flash-attention backward.
 
     Returns the names of what was switched on (empty for models it does not
     know). Forward values are unchanged; only what backward keeps and how it
@@ -198,6 +204,12 @@ def enable_fast_path(model: nn.Module, recompute_mlp: bool = True, trim_every: i
         elif isinstance(module, LoraLinear) and module.is_4bit:
             module.lora_in_compute_dtype = True
             done.add("lora-compute-dtype")
+    if dense_attention_backward:
+        from .attention import use_dense_backward_attention
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if use_dense_backward_attention(base):
+            done.add("dense-attention-backward")
     if lm_parts(model) is not None:
         done.add("chunked-loss")
     return sorted(done)
