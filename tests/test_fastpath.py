@@ -5,6 +5,7 @@ modules, and a whole QLoRA model's loss and adapter gradients with and without i
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -245,3 +246,29 @@ def test_causal_attention_gradients_match_sdpa(groups, t):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_backward_attention_in_a_model(tiny_llama_dir, monkeypatch):
+    import qpeft.train.attention as attention
+
+    calls = []
+    real = attention.causal_attention
+    monkeypatch.setattr(attention, "causal_attention", lambda *a: calls.append(1) or real(*a))
+    plain = _qlora(tiny_llama_dir, torch.float32)
+    fast = copy.deepcopy(plain)
+    assert "dense-attention-backward" in enable_fast_path(fast, dense_attention_backward=True)
+    assert "qpeft" not in json.dumps(fast.get_base_model().config.to_dict())  # never written to config.json
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, plain.config.vocab_size, (2, 11), generator=g)
+    full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    padded = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    padded["attention_mask"][1, 7:] = 0  # a mask: transformers' SDPA path, same answer
+    padded["labels"][1, 7:] = -100
+    for batch, layers_taking_it in ((full, plain.config.num_hidden_layers), (padded, 0)):
+        ref_loss, ref_grads = _loss_and_grads(plain, batch)
+        calls.clear()
+        loss, grads = _loss_and_grads(fast, batch)
+        assert len(calls) == layers_taking_it
+        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+        for k, ref in ref_grads.items():
+            assert (grads[k] - ref).norm() <= 1e-4 * ref.norm().clamp_min(1e-12), k
