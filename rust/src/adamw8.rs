@@ -590,7 +590,7 @@ mod vbmi {
         omb1: __m512,
         beta2: __m512,
         omb2: __m512,
-        inv_bc2: __m512d,
+        bc2: __m512,
         eps: __m512,
         decay: __m512,
         step_size: __m512,
@@ -627,16 +627,15 @@ mod vbmi {
             let v1 = _mm512_fmadd_ps(_mm512_mul_ps(k.omb2, gi), gi, _mm512_mul_ps(v[j], k.beta2));
             // NaN or infinite (0x99: QNaN, +inf, -inf, SNaN): the element starts afresh.
             let bad = _mm512_fpclass_ps_mask::<0x99>(m1) | _mm512_fpclass_ps_mask::<0x99>(v1);
-            let ok = !bad;
-            let root = _mm512_sqrt_ps(v1);
-            // sqrt(v) / bc2_sqrt as div_by_const does it, in float64.
-            let lo = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(root)), k.inv_bc2));
-            let hi = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtps_pd(_mm512_extractf32x8_ps::<1>(root)), k.inv_bc2));
-            let d = _mm512_add_ps(_mm512_insertf32x8::<1>(_mm512_castps256_ps512(lo), hi), k.eps);
+            // sqrt(v) / bc2_sqrt, correctly rounded: what div_by_const gives. Here
+            // the divider has room to spare (the encoder's work fills the other
+            // units), so the divide is cheaper than div_by_const's conversions.
+            let d = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v1), k.bc2), k.eps);
             let pi = _mm512_loadu_ps(p.add(e));
             let p1 = _mm512_add_ps(_mm512_mul_ps(pi, k.decay), _mm512_div_ps(_mm512_mul_ps(k.step_size, m1), d));
-            _mm512_storeu_ps(p.add(e), _mm512_mask_blend_ps(ok, pi, p1));
-            let (m1, v1) = (_mm512_maskz_mov_ps(ok, m1), _mm512_maskz_mov_ps(ok, v1));
+            _mm512_storeu_ps(p.add(e), _mm512_mask_blend_ps(bad, p1, pi));
+            let zero = _mm512_setzero_ps();
+            let (m1, v1) = (_mm512_mask_mov_ps(m1, bad, zero), _mm512_mask_mov_ps(v1, bad, zero));
             _mm512_storeu_ps(mb.add(e), m1);
             _mm512_storeu_ps(vb.add(e), v1);
             // Largest magnitude, sign cleared (vrangeps absolute max, imm8 0b1011).
@@ -693,7 +692,7 @@ mod vbmi {
             omb1: _mm512_set1_ps(h.one_minus_beta1),
             beta2: _mm512_set1_ps(h.beta2),
             omb2: _mm512_set1_ps(h.one_minus_beta2),
-            inv_bc2: _mm512_set1_pd(1.0 / h.bc2_sqrt as f64),
+            bc2: _mm512_set1_ps(h.bc2_sqrt),
             eps: _mm512_set1_ps(h.eps),
             decay: _mm512_set1_ps(h.decay),
             step_size: _mm512_set1_ps(h.step_size),
