@@ -814,6 +814,7 @@ const AVX512: u8 = 2;
 /// How far ahead of the block being updated its inputs are fetched: the
 /// update is compute-bound, so the hardware prefetchers alone leave it
 /// waiting for memory at the start of each block.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const PREFETCH_BLOCKS: usize = 4;
 
 /// Ask for the cache lines of the block starting at element `at` (nothing
@@ -1417,8 +1418,10 @@ mod timing {
         }
     }
 
-    /// Best of several whole steps on 16.8M elements, 1 and 2 threads, 8-bit
-    /// and 32-bit (run with `cargo test --release timing::steps -- --ignored --nocapture`).
+    /// Best of several whole steps, 8-bit against 32-bit: on blocks that stay
+    /// in cache, then on 16.8M elements with 1 and 2 threads (thread CPU
+    /// time of the calling thread: meaningful for 1 thread only). Run with
+    /// `cargo test --release timing::steps -- --ignored --nocapture`.
     #[test]
     #[ignore = "timing, not a check"]
     fn steps() {
