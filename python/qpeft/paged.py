@@ -10,6 +10,17 @@ of them in memory, the rest in a file (``backing="file"``, the default, in
 parameters in order and a background thread reads the next pages while the
 current ones update. Small parameters share pages.
 
+With ``backing="host"`` on a CPU the frames and the backing are the same
+host memory, so a page in or out moves the page's buffer between them
+instead of copying it: the walk, the least-recently-used order and the
+``page_ins``/``page_outs`` counts are those of the file backing, the frames
+still hold at most ``max_resident_bytes`` of pages, and the process holds
+each page once (the whole state, as host backing always does; never the
+state plus the budget). The budget bounds the process's memory only with
+``backing="file"``; with ``"host"`` it bounds the pages that are held out
+for the update (the part that will live on the device once CUDA paging
+lands, where pages are copied).
+
 What a failure leaves behind:
 
 * The file's space is allocated when a parameter first gets state (its

@@ -22,19 +22,25 @@
 //! whole block.
 //!
 //! Encoding uses [`FastCode`]: a lookup table indexed by the sign, exponent
-//! and top 7 mantissa bits of the float, which leaves at most one midpoint
-//! per cell, so one comparison finishes the search. It is exact against the
-//! binary search of [`Code8::encode`].
+//! and top 7 mantissa bits of the float (its top 16 bits, the magnitude
+//! clamped to the range that holds midpoints), which leaves at most one
+//! midpoint per cell, so one comparison of the low 16 bits with the cell's
+//! threshold finishes the search. It is exact against the binary search of
+//! [`Code8::encode`].
 //!
 //! SIMD: AVX-512 and AVX2 read the table with 32-bit gathers (16 or 8
 //! lanes); AVX-512 VBMI dequantizes 64 codes at a time with byte shuffles;
 //! the scalar pieces are the reference the SIMD ones are tested against.
-//! The float32 update vectorizes as written. The step costs about the same
-//! divide and square root per element as the 32-bit kernel, plus the
-//! encoding; on a 2-core AVX-512 machine it runs at about 1.3x the time of
-//! torch's fused 32-bit AdamW (bench/optim.py) while moving 16 instead of
-//! 28 bytes per element.
-//!
+//! With VBMI and DQ (Ice Lake, Sapphire Rapids, Zen 4) and float32
+//! parameters the whole blocks go through one fused, software-pipelined
+//! loop (module `vbmi`): the update of block b (bound by the divide and
+//! square root unit) runs interleaved with the encoding of block b - 1
+//! (bound by integer work and the table reads), the codes are dequantized
+//! in registers, and m keeps its sign through a second table instead of a
+//! fix-up after encoding. The step is compute-bound (it moves 16 bytes per
+//! element against the 32-bit step's 28); per element it costs about the
+//! 32-bit update's divide and square root plus two encodes and two decodes.
+
 //! The kernel takes slices that start on a block boundary, so a paged
 //! optimizer can call it on any run of whole blocks.
 
@@ -56,28 +62,48 @@ pub const BLOCK: usize = 256;
 /// Code of 0.0 on the signed map; a negative value never gets it.
 const SIGNED_ZERO_CODE: u8 = 127;
 
-// Lookup key: sign (1 bit) | exponent - EMIN clamped to 0..=24 (5 bits) | top
+// Lookup cell: sign (1 bit) | exponent - EMIN clamped to 0..=24 (5 bits) | top
 // 7 mantissa bits. Both maps have no midpoint below 2^-24 in magnitude and
 // none above 1, and 7 mantissa bits leave at most one midpoint per cell
 // (checked when the table is built).
 const EMIN: u32 = 103;
 const EMAX: u32 = 127;
 const MANT_BITS: u32 = 7;
-const LUT_LEN: usize = 1 << (1 + 5 + MANT_BITS);
+const CELLS: usize = 1 << (1 + 5 + MANT_BITS);
 
+// The table is indexed by the top 16 bits of the float with its magnitude
+// clamped to [CLAMP_LO, CLAMP_HI] (the sign kept): sign | exponent | top 7
+// mantissa bits, minus LUT_BASE. The positive and negative halves are 2^15
+// apart; the unused entries between them are never read. Clamping the bits
+// is cheaper than assembling a dense key (one SIMD min, max and merge).
+const CLAMP_LO: u32 = EMIN << 23;
+const CLAMP_HI: u32 = (EMAX << 23) | 0x7f_ffff;
+const LUT_BASE: usize = (CLAMP_LO >> 16) as usize;
+const LUT_LEN: usize = (((CLAMP_HI | 0x8000_0000) >> 16) as usize) + 1 - LUT_BASE;
+/// Threshold no lane reaches: the cell holds no midpoint.
+const NEVER_UP: u32 = 0xffff;
+
+/// Table index of a float's bits (any bits: NaN lands in an end cell).
 #[inline(always)]
-fn lut_key(bits: u32) -> usize {
-    let sign = bits >> 31;
-    let e = (bits >> 23) & 0xff;
-    let mut mant = (bits >> (23 - MANT_BITS)) & ((1 << MANT_BITS) - 1);
-    if e < EMIN {
-        mant = 0;
-    }
-    if e > EMAX {
-        mant = (1 << MANT_BITS) - 1;
-    }
-    let ec = e.clamp(EMIN, EMAX) - EMIN;
-    ((sign << (5 + MANT_BITS)) | (ec << MANT_BITS) | mant) as usize
+fn lut_index(bits: u32) -> usize {
+    let mag = (bits & 0x7fff_ffff).clamp(CLAMP_LO, CLAMP_HI);
+    (((bits & 0x8000_0000) | mag) >> 16) as usize - LUT_BASE
+}
+
+/// Table index of a cell (see [`cell_range`]).
+fn cell_index(key: usize) -> usize {
+    let key = key as u32;
+    let sign = key >> (5 + MANT_BITS);
+    let ec = (key >> MANT_BITS) & 31;
+    let mant = key & ((1 << MANT_BITS) - 1);
+    ((sign << 15) | ((ec + EMIN) << MANT_BITS) | mant) as usize - LUT_BASE
+}
+
+/// The order bits of a float, in the top 16 bits of a word whose low 16 are
+/// zero (what the table's thresholds are compared with).
+#[inline(always)]
+fn order_word(bits: u32) -> u32 {
+    (bits ^ ((bits as i32 >> 31) as u32)) << 16
 }
 
 /// The lowest and highest float of a lookup cell (the clamped end cells
@@ -110,19 +136,24 @@ fn order_bits(bits: u32) -> u32 {
     (bits & 0xffff) ^ (0u32.wrapping_sub(bits >> 31) & 0xffff)
 }
 
-/// Threshold that no `order_bits` value reaches: the cell holds no midpoint.
-const NO_MIDPOINT: u32 = 0x1_0000;
-
 /// A fast exact encoder for one of the two dynamic maps.
 ///
-/// Each lookup cell stores, in one 32-bit word, `k` (bits 17..25: the number
-/// of midpoints below the cell) and the `order_bits` of the one midpoint
-/// inside the cell (or [`NO_MIDPOINT`]), so one table read and one integer
-/// comparison give the code.
+/// Each lookup cell stores, in one 32-bit word, `k` (bits 0..8: the code of
+/// the cell's lowest floats) and in bits 16..32 a threshold `t`: floats of
+/// the cell whose `order_bits` exceed `t` get `k + 1`. `t` is the
+/// `order_bits` of the one midpoint inside the cell, less one where a tie
+/// goes up (to the even index), or [`NEVER_UP`]. With the float's order bits
+/// in the top half of a word ([`order_word`]), one unsigned comparison with
+/// the whole entry decides (k < 2^16 never tips it).
 pub struct FastCode {
     /// The 256 code values (what dequantization multiplies by absmax).
     pub values: [f32; 256],
     lut: Box<[u32]>,
+    /// `lut` with every negative cell's code capped at 126 (the code below
+    /// that of 0.0): encoding with it keeps the sign of a negative value
+    /// that would round to 0.0, given that -0.0 was made +0.0 first.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    lut_keep_sign: Box<[u32]>,
     /// planes[j][c] = byte j of values[c]: four 256-byte tables that byte
     /// shuffles (AVX-512 VBMI) can index 64 codes at a time.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -141,7 +172,10 @@ impl FastCode {
         }
         let below = |x: f32| midpoints[..255].iter().filter(|&&m| m < x).count();
         let mut lut = vec![0u32; LUT_LEN].into_boxed_slice();
-        for (key, entry) in lut.iter_mut().enumerate() {
+        for key in 0..CELLS {
+            if (key >> MANT_BITS) & 31 > (EMAX - EMIN) as usize {
+                continue; // exponents above EMAX are clamped into the top cell
+            }
             let (lo, hi) = cell_range(key);
             let k = below(lo);
             let kh = below(hi);
@@ -153,8 +187,16 @@ impl FastCode {
             if inside > 1 || (inside == 1 && end_cell) {
                 return Err(invalid(format!("this 8-bit code has {inside} midpoints in lookup cell {key:#x} ({lo:e}..{hi:e})")));
             }
-            let t = if inside == 1 { order_bits(midpoints[k].to_bits()) } else { NO_MIDPOINT };
-            *entry = ((k as u32) << 17) | t;
+            // A tie goes to the even index: up from an odd k (255 is the last code).
+            let tie_up = k & 1 == 1 && k != 255;
+            let (mut k, mut t) = (k as u32, NEVER_UP);
+            if inside == 1 {
+                match order_bits(midpoints[k as usize].to_bits()).checked_sub(tie_up as u32) {
+                    Some(th) => t = th,
+                    None => k += 1, // the midpoint is the cell's lowest float and ties go up
+                }
+            }
+            lut[cell_index(key)] = (t << 16) | k;
         }
         let mut planes = [[0u8; 256]; 4];
         for (c, v) in values.iter().enumerate() {
@@ -162,7 +204,18 @@ impl FastCode {
                 planes[j][c] = b;
             }
         }
-        let code = FastCode { values, lut, planes };
+        let mut lut_keep_sign = lut.clone();
+        for key in (1 << (5 + MANT_BITS))..CELLS {
+            if (key >> MANT_BITS) & 31 > (EMAX - EMIN) as usize {
+                continue;
+            }
+            let e = &mut lut_keep_sign[cell_index(key)];
+            let k = *e & 0xff;
+            if k >= SIGNED_ZERO_CODE as u32 || (k + 1 == SIGNED_ZERO_CODE as u32 && *e >> 16 != NEVER_UP) {
+                *e = (NEVER_UP << 16) | (SIGNED_ZERO_CODE as u32 - 1);
+            }
+        }
+        let code = FastCode { values, lut, lut_keep_sign, planes };
         // A cheap self-check: every code value and midpoint encodes as the
         // binary search does.
         for k in 0..255 {
@@ -180,16 +233,29 @@ impl FastCode {
     #[inline(always)]
     pub fn encode(&self, x: f32) -> u8 {
         let bits = x.to_bits();
-        let entry = self.lut[lut_key(bits) & (LUT_LEN - 1)];
-        let (k, t) = (entry >> 17, entry & 0x1_ffff);
-        let y = order_bits(bits);
-        let up = (y > t) as u32;
-        let tie = (y == t && k & 1 == 1 && k != 255) as u32;
+        let entry = self.lut[lut_index(bits)];
+        let c = (entry & 0xff) + (order_word(bits) > entry) as u32;
         if x.is_nan() {
             0
         } else {
-            (k + up + tie) as u8
+            c as u8
         }
+    }
+
+    /// The table with its base moved so that the unclamped index (the top 16
+    /// bits of the clamped float) addresses it; only for SIMD gathers, which
+    /// read in bounds.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[inline(always)]
+    fn gather_base(&self) -> *const i32 {
+        self.lut.as_ptr().wrapping_sub(LUT_BASE) as *const i32
+    }
+
+    /// [`FastCode::gather_base`] of the keep-sign table.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[inline(always)]
+    fn gather_base_keep_sign(&self) -> *const i32 {
+        self.lut_keep_sign.as_ptr().wrapping_sub(LUT_BASE) as *const i32
     }
 }
 
@@ -278,41 +344,25 @@ fn encode_block(x: &[f32], scale: Scale, code: &FastCode, keep_sign: bool, out: 
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{FastCode, Scale, EMAX, EMIN, LUT_LEN, MANT_BITS, SIGNED_ZERO_CODE};
+    use super::{FastCode, Scale, CLAMP_HI, CLAMP_LO, SIGNED_ZERO_CODE};
 
-    /// Codes of 16 scaled values as 32-bit lanes.
+    /// Codes of 16 scaled values as 32-bit lanes (as [`FastCode::encode`]).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
     unsafe fn encode16(x: __m512, code: &FastCode) -> __m512i {
         let bits = _mm512_castps_si512(x);
-        let sign = _mm512_srli_epi32::<31>(bits);
-        let e = _mm512_and_si512(_mm512_srli_epi32::<23>(bits), _mm512_set1_epi32(0xff));
-        let mant_mask = _mm512_set1_epi32((1 << MANT_BITS) - 1);
-        let mut mant = _mm512_and_si512(_mm512_srli_epi32::<{ 23 - MANT_BITS }>(bits), mant_mask);
-        let emin = _mm512_set1_epi32(EMIN as i32);
-        let emax = _mm512_set1_epi32(EMAX as i32);
-        mant = _mm512_mask_mov_epi32(mant, _mm512_cmplt_epi32_mask(e, emin), _mm512_setzero_si512());
-        mant = _mm512_mask_mov_epi32(mant, _mm512_cmpgt_epi32_mask(e, emax), mant_mask);
-        let ec = _mm512_sub_epi32(_mm512_min_epi32(_mm512_max_epi32(e, emin), emax), emin);
-        let key = _mm512_or_si512(
-            _mm512_slli_epi32::<{ 5 + MANT_BITS }>(sign),
-            _mm512_or_si512(_mm512_slli_epi32::<MANT_BITS>(ec), mant),
-        );
-        debug_assert!(code.lut.len() == LUT_LEN);
-        let entry = _mm512_i32gather_epi32::<4>(key, code.lut.as_ptr() as *const i32);
-        let k = _mm512_srli_epi32::<17>(entry);
-        let t = _mm512_and_si512(entry, _mm512_set1_epi32(0x1_ffff));
-        let flip = _mm512_and_si512(_mm512_sub_epi32(_mm512_setzero_si512(), sign), _mm512_set1_epi32(0xffff));
-        let y = _mm512_xor_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0xffff)), flip);
-        let up = _mm512_cmpgt_epi32_mask(y, t);
-        let odd = _mm512_test_epi32_mask(k, _mm512_set1_epi32(1));
-        let not_last = _mm512_cmpneq_epi32_mask(k, _mm512_set1_epi32(255));
-        let tie = _mm512_cmpeq_epi32_mask(y, t) & odd & not_last;
-        let one = _mm512_set1_epi32(1);
-        let mut c = _mm512_mask_add_epi32(k, up | tie, k, one);
-        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-        c = _mm512_mask_mov_epi32(c, nan, _mm512_setzero_si512());
-        c
+        let mag = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff));
+        let mag = _mm512_min_epu32(_mm512_max_epu32(mag, _mm512_set1_epi32(CLAMP_LO as i32)), _mm512_set1_epi32(CLAMP_HI as i32));
+        // (bits & sign) | mag
+        let clamped = _mm512_ternarylogic_epi32::<0xEC>(bits, mag, _mm512_set1_epi32(i32::MIN));
+        let index = _mm512_srli_epi32::<16>(clamped);
+        let entry = _mm512_i32gather_epi32::<4>(index, code.gather_base());
+        let order = _mm512_slli_epi32::<16>(_mm512_xor_si512(bits, _mm512_srai_epi32::<31>(bits)));
+        let up = _mm512_cmpgt_epu32_mask(order, entry);
+        let k = _mm512_and_si512(entry, _mm512_set1_epi32(0xff));
+        let c = _mm512_mask_add_epi32(k, up, k, _mm512_set1_epi32(1));
+        let not_nan = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x);
+        _mm512_maskz_mov_epi32(not_nan, c)
     }
 
     /// `encode_block` for 16-element groups; the tail goes to the scalar code.
@@ -330,8 +380,8 @@ mod avx512 {
             let mut c = encode16(s, code);
             if keep_sign {
                 let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(xi, _mm512_setzero_ps());
-                let at_zero = _mm512_cmpeq_epi32_mask(c, zero_code);
-                c = _mm512_mask_sub_epi32(c, neg & at_zero, c, _mm512_set1_epi32(1));
+                let neg_at_zero = _mm512_mask_cmpeq_epi32_mask(neg, c, zero_code);
+                c = _mm512_mask_sub_epi32(c, neg_at_zero, c, _mm512_set1_epi32(1));
             }
             _mm_storeu_si128(out.as_mut_ptr().add(i) as *mut __m128i, _mm512_cvtepi32_epi8(c));
         }
@@ -399,44 +449,312 @@ mod avx512 {
     }
 }
 
+/// The whole block fused for AVX-512 with VBMI and DQ and float32
+/// parameters: codes are dequantized 64 at a time in registers and fed
+/// straight to the update, the encoder clamps with `vrangeps`, keeps the
+/// sign of m through its table, and packs 64 codes with two byte shuffles.
+/// Inputs to the encoder are finite here (non-finite elements were reset),
+/// so it skips the NaN test.
+#[cfg(target_arch = "x86_64")]
+mod vbmi {
+    use std::arch::x86_64::*;
+
+    use super::{AdamW8, FastCode, Scale, BLOCK, CLAMP_HI, CLAMP_LO};
+
+    /// The four byte planes of a code's values as 16 registers' worth.
+    pub(super) struct Planes([[__m512i; 4]; 4]);
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")]
+    pub(super) unsafe fn planes(code: &FastCode) -> Planes {
+        let t = |j: usize, part: usize| _mm512_loadu_si512(code.planes[j].as_ptr().add(64 * part) as *const _);
+        Planes([
+            [t(0, 0), t(0, 1), t(0, 2), t(0, 3)],
+            [t(1, 0), t(1, 1), t(1, 2), t(1, 3)],
+            [t(2, 0), t(2, 1), t(2, 2), t(2, 3)],
+            [t(3, 0), t(3, 1), t(3, 2), t(3, 3)],
+        ])
+    }
+
+    /// `values[q] * absmax` for 64 codes (as `avx512::dequantize_block_vbmi`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")]
+    pub(super) unsafe fn dequantize64(q: *const u8, tables: &Planes, absmax: __m512) -> [__m512; 4] {
+        const PERM: [u8; 64] = {
+            let mut perm = [0u8; 64];
+            let mut pos = 0;
+            while pos < 64 {
+                let (lane, reg, k) = (pos / 16, (pos % 16) / 4, pos % 4);
+                perm[pos] = (reg * 16 + lane * 4 + k) as u8;
+                pos += 1;
+            }
+            perm
+        };
+        let perm = _mm512_loadu_si512(PERM.as_ptr() as *const _);
+        let c = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(q as *const _));
+        let upper = _mm512_movepi8_mask(c);
+        let plane = |tb: &[__m512i; 4]| {
+            let lo = _mm512_permutex2var_epi8(tb[0], c, tb[1]);
+            let hi = _mm512_permutex2var_epi8(tb[2], c, tb[3]);
+            _mm512_mask_blend_epi8(upper, lo, hi)
+        };
+        let t = &tables.0;
+        let (b0, b1, b2, b3) = (plane(&t[0]), plane(&t[1]), plane(&t[2]), plane(&t[3]));
+        let (w01l, w01h) = (_mm512_unpacklo_epi8(b0, b1), _mm512_unpackhi_epi8(b0, b1));
+        let (w23l, w23h) = (_mm512_unpacklo_epi8(b2, b3), _mm512_unpackhi_epi8(b2, b3));
+        [
+            _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(w01l, w23l)), absmax),
+            _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(w01l, w23l)), absmax),
+            _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(w01h, w23h)), absmax),
+            _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(w01h, w23h)), absmax),
+        ]
+    }
+
+    /// Codes of 16 finite scaled values, in the low byte of each lane.
+    /// `base` is [`FastCode::gather_base`] or its keep-sign twin.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")]
+    unsafe fn encode16(s: __m512, base: *const i32) -> __m512i {
+        // |s| clamped to [CLAMP_LO, CLAMP_HI], the sign of s kept (vrangeps:
+        // max, then min, of absolute values, sign from the first operand:
+        // imm8 bits 1:0 = 11 or 10, bits 3:2 = 00).
+        let lo = _mm512_castsi512_ps(_mm512_set1_epi32(CLAMP_LO as i32));
+        let hi = _mm512_castsi512_ps(_mm512_set1_epi32(CLAMP_HI as i32));
+        let clamped = _mm512_range_ps::<0b0010>(_mm512_range_ps::<0b0011>(s, lo), hi);
+        let index = _mm512_srli_epi32::<16>(_mm512_castps_si512(clamped));
+        let entry = _mm512_i32gather_epi32::<4>(index, base);
+        let bits = _mm512_castps_si512(s);
+        let order = _mm512_slli_epi32::<16>(_mm512_xor_si512(bits, _mm512_srai_epi32::<31>(bits)));
+        let up = _mm512_cmpgt_epu32_mask(order, entry);
+        _mm512_mask_add_epi32(entry, up, entry, _mm512_set1_epi32(1))
+    }
+
+    /// The low bytes of 64 lanes, in order.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")]
+    unsafe fn pack64(c: [__m512i; 4]) -> __m512i {
+        const IDX: [u8; 64] = {
+            let mut idx = [0u8; 64];
+            let mut i = 0;
+            while i < 64 {
+                idx[i] = ((i % 32) * 4) as u8;
+                i += 1;
+            }
+            idx
+        };
+        let idx = _mm512_loadu_si512(IDX.as_ptr() as *const _);
+        let lo = _mm512_permutex2var_epi8(c[0], idx, c[1]);
+        let hi = _mm512_permutex2var_epi8(c[2], idx, c[3]);
+        _mm512_inserti64x4::<1>(lo, _mm512_castsi512_si256(hi))
+    }
+
+    /// Codes of the 64 finite values at `x`, scaled by `scale`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")]
+    unsafe fn encode64(x: *const f32, scale: Scale, base: *const i32) -> __m512i {
+        let zero = _mm512_setzero_ps();
+        let mut c = [_mm512_setzero_si512(); 4];
+        for (j, cj) in c.iter_mut().enumerate() {
+            let xi = _mm512_loadu_ps(x.add(16 * j));
+            // Adding +0.0 turns a -0.0 x into +0.0 and changes nothing else
+            // (a negative x whose scaled value underflows stays -0.0: the fma
+            // rounds the exact, negative, product), so only a value below zero
+            // reaches the negative cells.
+            let s = match scale {
+                Scale::Mul(f) => _mm512_fmadd_ps(xi, _mm512_set1_ps(f), zero),
+                Scale::Div(a) => _mm512_div_ps(_mm512_add_ps(xi, zero), _mm512_set1_ps(a)),
+            };
+            *cj = encode16(s, base);
+        }
+        pack64(c)
+    }
+
+    /// Encode `x` (finite) into `out` as the scalar `encode_block` does; a
+    /// tail short of 64 goes to the scalar code. (The step encodes through
+    /// `encode64` directly; this is the piece tests compare.)
+    #[cfg(test)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")]
+    pub(super) unsafe fn encode_finite(x: &[f32], scale: Scale, code: &FastCode, keep_sign: bool, out: &mut [u8]) {
+        let n = x.len().min(out.len());
+        let full = n / 64 * 64;
+        let base = if keep_sign { code.gather_base_keep_sign() } else { code.gather_base() };
+        for i in (0..full).step_by(64) {
+            _mm512_storeu_si512(out.as_mut_ptr().add(i) as *mut _, encode64(x.as_ptr().add(i), scale, base));
+        }
+        super::encode_block(&x[full..n], scale, code, keep_sign, &mut out[full..n]);
+    }
+
+    /// The step's scalars, broadcast.
+    struct Consts {
+        beta1: __m512,
+        omb1: __m512,
+        beta2: __m512,
+        omb2: __m512,
+        bc2: __m512,
+        eps: __m512,
+        decay: __m512,
+        step_size: __m512,
+        flip: __m512,
+    }
+
+    /// Dequantize, update and write back p for the 64 elements at `e`; m and
+    /// v go to `mb`, `vb` (reset where not finite); returns the running
+    /// largest magnitudes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn update64<const MAXIMIZE: bool>(
+        p: *mut f32,
+        g: *const f32,
+        qm: *const u8,
+        qv: *const u8,
+        absmax: (__m512, __m512),
+        tables: (&Planes, &Planes),
+        k: &Consts,
+        mb: *mut f32,
+        vb: *mut f32,
+        max: (__m512, __m512),
+    ) -> (__m512, __m512) {
+        let (mut max_m, mut max_v) = max;
+        let m = dequantize64(qm, tables.0, absmax.0);
+        let v = dequantize64(qv, tables.1, absmax.1);
+        for j in 0..4 {
+            let e = 16 * j;
+            // Negation is exact: maximize flips the sign bit.
+            let gi = _mm512_loadu_ps(g.add(e));
+            let gi = if MAXIMIZE { _mm512_xor_ps(gi, k.flip) } else { gi };
+            let m1 = _mm512_fmadd_ps(gi, k.omb1, _mm512_mul_ps(m[j], k.beta1));
+            let v1 = _mm512_fmadd_ps(_mm512_mul_ps(k.omb2, gi), gi, _mm512_mul_ps(v[j], k.beta2));
+            // NaN or infinite (0x99: QNaN, +inf, -inf, SNaN): the element starts afresh.
+            let bad = _mm512_fpclass_ps_mask::<0x99>(m1) | _mm512_fpclass_ps_mask::<0x99>(v1);
+            // sqrt(v) / bc2_sqrt, correctly rounded: what div_by_const gives. Here
+            // the divider has room to spare (the encoder's work fills the other
+            // units), so the divide is cheaper than div_by_const's conversions.
+            let d = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v1), k.bc2), k.eps);
+            let pi = _mm512_loadu_ps(p.add(e));
+            let p1 = _mm512_add_ps(_mm512_mul_ps(pi, k.decay), _mm512_div_ps(_mm512_mul_ps(k.step_size, m1), d));
+            _mm512_storeu_ps(p.add(e), _mm512_mask_blend_ps(bad, p1, pi));
+            let zero = _mm512_setzero_ps();
+            let (m1, v1) = (_mm512_mask_mov_ps(m1, bad, zero), _mm512_mask_mov_ps(v1, bad, zero));
+            _mm512_storeu_ps(mb.add(e), m1);
+            _mm512_storeu_ps(vb.add(e), v1);
+            // Largest magnitude, sign cleared (vrangeps absolute max, imm8 0b1011).
+            max_m = _mm512_range_ps::<0b1011>(max_m, m1);
+            max_v = _mm512_range_ps::<0b1011>(max_v, v1);
+        }
+        (max_m, max_v)
+    }
+
+    /// The step over whole blocks (`p.len()` a multiple of [`BLOCK`]),
+    /// software-pipelined: each pass of the loop updates 64 elements of
+    /// block b and encodes 64 of block b - 1 (whose absmax is known by
+    /// then), so the update's divides and square roots overlap the
+    /// encoder's table reads and integer work.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")]
+    pub(super) unsafe fn step_blocks(
+        p: &mut [f32],
+        g: &[f32],
+        qm: &mut [u8],
+        qv: &mut [u8],
+        am: &mut [f32],
+        av: &mut [f32],
+        h: &AdamW8,
+        cs: &FastCode,
+        cu: &FastCode,
+    ) {
+        if h.maximize {
+            pipelined::<true>(p, g, qm, qv, am, av, h, cs, cu)
+        } else {
+            pipelined::<false>(p, g, qm, qv, am, av, h, cs, cu)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")]
+    unsafe fn pipelined<const MAXIMIZE: bool>(
+        p: &mut [f32],
+        g: &[f32],
+        qm: &mut [u8],
+        qv: &mut [u8],
+        am: &mut [f32],
+        av: &mut [f32],
+        h: &AdamW8,
+        cs: &FastCode,
+        cu: &FastCode,
+    ) {
+        let nb = p.len() / BLOCK;
+        assert!(p.len() == nb * BLOCK && g.len() == p.len() && qm.len() == p.len() && qv.len() == p.len());
+        assert!(am.len() == nb && av.len() == nb);
+        let tables = (planes(cs), planes(cu));
+        let k = Consts {
+            beta1: _mm512_set1_ps(h.beta1),
+            omb1: _mm512_set1_ps(h.one_minus_beta1),
+            beta2: _mm512_set1_ps(h.beta2),
+            omb2: _mm512_set1_ps(h.one_minus_beta2),
+            bc2: _mm512_set1_ps(h.bc2_sqrt),
+            eps: _mm512_set1_ps(h.eps),
+            decay: _mm512_set1_ps(h.decay),
+            step_size: _mm512_set1_ps(h.step_size),
+            flip: _mm512_castsi512_ps(_mm512_set1_epi32(if h.maximize { i32::MIN } else { 0 })),
+        };
+        let (base_m, base_v) = (cs.gather_base_keep_sign(), cu.gather_base());
+        // m and v of two blocks: the one being updated and the one being encoded.
+        let mut scratch = [[0f32; BLOCK]; 4];
+        let mut scales = (Scale::Mul(0.0), Scale::Mul(0.0));
+        let (pp, gp, qmp, qvp) = (p.as_mut_ptr(), g.as_ptr(), qm.as_mut_ptr(), qv.as_mut_ptr());
+        for b in 0..=nb {
+            let (cur, prev) = (2 * (b % 2), 2 * ((b + 1) % 2));
+            let (mcur, vcur) = (scratch[cur].as_mut_ptr(), scratch[cur + 1].as_mut_ptr());
+            let (mprev, vprev) = (scratch[prev].as_ptr(), scratch[prev + 1].as_ptr());
+            if b + super::PREFETCH_BLOCKS < nb {
+                super::prefetch_block::<f32>(pp as usize, gp as usize, qmp as usize, qvp as usize, p.len(), (b + super::PREFETCH_BLOCKS) * BLOCK);
+            }
+            let absmax = if b < nb { (_mm512_set1_ps(am[b]), _mm512_set1_ps(av[b])) } else { (_mm512_setzero_ps(), _mm512_setzero_ps()) };
+            let mut max = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for i in (0..BLOCK).step_by(64) {
+                if b < nb {
+                    let e = b * BLOCK + i;
+                    max = update64::<MAXIMIZE>(pp.add(e), gp.add(e), qmp.add(e), qvp.add(e), absmax, (&tables.0, &tables.1), &k, mcur.add(i), vcur.add(i), max);
+                }
+                if b > 0 {
+                    let e = (b - 1) * BLOCK + i;
+                    _mm512_storeu_si512(qmp.add(e) as *mut _, encode64(mprev.add(i), scales.0, base_m));
+                    _mm512_storeu_si512(qvp.add(e) as *mut _, encode64(vprev.add(i), scales.1, base_v));
+                }
+            }
+            if b < nb {
+                let (new_am, new_av) = (_mm512_reduce_max_ps(max.0), _mm512_reduce_max_ps(max.1));
+                am[b] = new_am;
+                av[b] = new_av;
+                scales = (super::scale::cuda_rule(new_am), super::scale::cuda_rule(new_av));
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{FastCode, Scale, EMAX, EMIN, LUT_LEN, MANT_BITS, SIGNED_ZERO_CODE};
+    use super::{FastCode, Scale, CLAMP_HI, CLAMP_LO, SIGNED_ZERO_CODE};
 
-    /// Codes of 8 scaled values as 32-bit lanes (the AVX-512 `encode16` with
-    /// vector compares instead of mask registers).
+    /// Codes of 8 scaled values as 32-bit lanes (the AVX-512 `encode16`;
+    /// AVX2 compares signed, so both sides of the comparison flip their top bit).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn encode8(x: __m256, code: &FastCode) -> __m256i {
         let bits = _mm256_castps_si256(x);
-        let sign = _mm256_srli_epi32::<31>(bits);
-        let e = _mm256_and_si256(_mm256_srli_epi32::<23>(bits), _mm256_set1_epi32(0xff));
-        let mant_mask = _mm256_set1_epi32((1 << MANT_BITS) - 1);
-        let mut mant = _mm256_and_si256(_mm256_srli_epi32::<{ 23 - MANT_BITS as i32 }>(bits), mant_mask);
-        let emin = _mm256_set1_epi32(EMIN as i32);
-        let emax = _mm256_set1_epi32(EMAX as i32);
-        mant = _mm256_andnot_si256(_mm256_cmpgt_epi32(emin, e), mant);
-        mant = _mm256_or_si256(mant, _mm256_and_si256(_mm256_cmpgt_epi32(e, emax), mant_mask));
-        let ec = _mm256_sub_epi32(_mm256_min_epi32(_mm256_max_epi32(e, emin), emax), emin);
-        let key = _mm256_or_si256(
-            _mm256_slli_epi32::<{ 5 + MANT_BITS as i32 }>(sign),
-            _mm256_or_si256(_mm256_slli_epi32::<{ MANT_BITS as i32 }>(ec), mant),
-        );
-        debug_assert!(code.lut.len() == LUT_LEN);
-        let entry = _mm256_i32gather_epi32::<4>(code.lut.as_ptr() as *const i32, key);
-        let k = _mm256_srli_epi32::<17>(entry);
-        let t = _mm256_and_si256(entry, _mm256_set1_epi32(0x1_ffff));
-        let flip = _mm256_and_si256(_mm256_sub_epi32(_mm256_setzero_si256(), sign), _mm256_set1_epi32(0xffff));
-        let y = _mm256_xor_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0xffff)), flip);
+        let top = _mm256_set1_epi32(i32::MIN);
+        let mag = _mm256_andnot_si256(top, bits);
+        let mag = _mm256_min_epu32(_mm256_max_epu32(mag, _mm256_set1_epi32(CLAMP_LO as i32)), _mm256_set1_epi32(CLAMP_HI as i32));
+        let clamped = _mm256_or_si256(_mm256_and_si256(bits, top), mag);
+        let index = _mm256_srli_epi32::<16>(clamped);
+        let entry = _mm256_i32gather_epi32::<4>(code.gather_base(), index);
+        let order = _mm256_slli_epi32::<16>(_mm256_xor_si256(bits, _mm256_srai_epi32::<31>(bits)));
         // Comparison results are -1 where true: subtracting them adds one.
-        let up = _mm256_cmpgt_epi32(y, t);
-        let one = _mm256_set1_epi32(1);
-        let odd = _mm256_cmpeq_epi32(_mm256_and_si256(k, one), one);
-        let last = _mm256_cmpeq_epi32(k, _mm256_set1_epi32(255));
-        let tie = _mm256_andnot_si256(last, _mm256_and_si256(_mm256_cmpeq_epi32(y, t), odd));
-        let c = _mm256_sub_epi32(_mm256_sub_epi32(k, up), tie);
+        let up = _mm256_cmpgt_epi32(_mm256_xor_si256(order, top), _mm256_xor_si256(entry, top));
+        let c = _mm256_sub_epi32(_mm256_and_si256(entry, _mm256_set1_epi32(0xff)), up);
         let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
         _mm256_andnot_si256(nan, c)
     }
@@ -481,7 +799,9 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 fn has_vbmi() -> bool {
     static VBMI: OnceLock<bool> = OnceLock::new();
-    *VBMI.get_or_init(|| cpu::best() == Isa::Avx512 && is_x86_feature_detected!("avx512vbmi"))
+    *VBMI.get_or_init(|| {
+        cpu::best() == Isa::Avx512 && is_x86_feature_detected!("avx512vbmi") && is_x86_feature_detected!("avx512dq")
+    })
 }
 
 /// Which block pieces [`step_blocks`] uses.
@@ -490,6 +810,36 @@ const SCALAR: u8 = 0;
 const AVX2: u8 = 1;
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const AVX512: u8 = 2;
+
+/// How far ahead of the block being updated its inputs are fetched: the
+/// update is compute-bound, so the hardware prefetchers alone leave it
+/// waiting for memory at the start of each block.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const PREFETCH_BLOCKS: usize = 4;
+
+/// Ask for the cache lines of the block starting at element `at` (nothing
+/// past the end). Addresses are passed as integers: a prefetch never faults,
+/// but only in-bounds addresses are formed.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_block<T>(p: usize, g: usize, qm: usize, qv: usize, len: usize, at: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0, _MM_HINT_T0};
+    if at + BLOCK > len {
+        return;
+    }
+    let w = std::mem::size_of::<T>();
+    // SAFETY: prefetching has no side effects; the addresses lie inside the slices.
+    unsafe {
+        for line in (0..BLOCK * w).step_by(64) {
+            _mm_prefetch::<_MM_HINT_ET0>((p + at * w + line) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>((g + at * w + line) as *const i8);
+        }
+        for line in (0..BLOCK).step_by(64) {
+            _mm_prefetch::<_MM_HINT_ET0>((qm + at + line) as *const i8);
+            _mm_prefetch::<_MM_HINT_ET0>((qv + at + line) as *const i8);
+        }
+    }
+}
 
 /// One chunk of whole blocks (the last may be partial).
 #[inline(always)]
@@ -504,15 +854,41 @@ fn step_blocks<T: Elem, const SIMD: u8>(
     h: &AdamW8,
 ) {
     let (cs, cu) = (signed(), unsigned());
+    #[cfg(target_arch = "x86_64")]
+    let (p, g, qm, qv, absmax_m, absmax_v) = if SIMD == AVX512 && T::DTYPE == crate::elem::DType::F32 && has_vbmi() {
+        let full = p.len() / BLOCK;
+        let (p, p_tail) = p.split_at_mut(full * BLOCK);
+        let (g, g_tail) = g.split_at(full * BLOCK);
+        let (qm, qm_tail) = qm.split_at_mut(full * BLOCK);
+        let (qv, qv_tail) = qv.split_at_mut(full * BLOCK);
+        let (am, am_tail) = absmax_m.split_at_mut(full);
+        let (av, av_tail) = absmax_v.split_at_mut(full);
+        // SAFETY: has_vbmi() checked VBMI and DQ on top of this entry point's
+        // AVX-512; T is f32 (checked above), so the casts are identities.
+        unsafe {
+            let p = std::slice::from_raw_parts_mut(p.as_mut_ptr() as *mut f32, p.len());
+            let g = std::slice::from_raw_parts(g.as_ptr() as *const f32, g.len());
+            vbmi::step_blocks(p, g, qm, qv, am, av, h, cs, cu);
+        }
+        // The partial last block, if any, takes the path below.
+        (p_tail, g_tail, qm_tail, qv_tail, am_tail, av_tail)
+    } else {
+        (p, g, qm, qv, absmax_m, absmax_v)
+    };
     let mut mb = [0f32; BLOCK];
     let mut vb = [0f32; BLOCK];
+    let (p_at, g_at, qm_at, qv_at, len) = (p.as_ptr() as usize, g.as_ptr() as usize, qm.as_ptr() as usize, qv.as_ptr() as usize, p.len());
     let blocks = p
         .chunks_mut(BLOCK)
         .zip(g.chunks(BLOCK))
         .zip(qm.chunks_mut(BLOCK))
         .zip(qv.chunks_mut(BLOCK))
         .zip(absmax_m.iter_mut().zip(absmax_v.iter_mut()));
-    for ((((pb, gb), qmb), qvb), (am, av)) in blocks {
+    for (b, ((((pb, gb), qmb), qvb), (am, av))) in blocks.enumerate() {
+        #[cfg(target_arch = "x86_64")]
+        if SIMD != SCALAR {
+            prefetch_block::<T>(p_at, g_at, qm_at, qv_at, len, (b + PREFETCH_BLOCKS) * BLOCK);
+        }
         let n = pb.len();
         let (mb, vb) = (&mut mb[..n], &mut vb[..n]);
         match SIMD {
@@ -723,6 +1099,25 @@ mod tests {
                 assert_eq!(fast.encode(x), slow.encode(x), "{bits:#x}");
             }
         }
+        // The step's SIMD encoder (VBMI path) on every finite pattern, both tables.
+        #[cfg(target_arch = "x86_64")]
+        if has_vbmi() {
+            let chunk = 1usize << 16;
+            let (mut x, mut a, mut b) = (vec![0f32; chunk], vec![0u8; chunk], vec![0u8; chunk]);
+            for (_, fast) in references() {
+                for keep_sign in [false, true] {
+                    for start in (0..=u32::MAX as usize).step_by(chunk) {
+                        for (i, v) in x.iter_mut().enumerate() {
+                            let f = f32::from_bits((start + i) as u32);
+                            *v = if f.is_finite() { f } else { 0.0 };
+                        }
+                        encode_block(&x, Scale::Mul(1.0), fast, keep_sign, &mut a);
+                        unsafe { vbmi::encode_finite(&x, Scale::Mul(1.0), fast, keep_sign, &mut b) };
+                        assert!(a == b, "chunk at {start:#x}, keep_sign {keep_sign}");
+                    }
+                }
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -740,9 +1135,17 @@ mod tests {
             let v = if s & 7 == 0 { f32::from_bits(bits) } else { ((bits as f32 / u32::MAX as f32) - 0.5) * 2.02 };
             x.push(v * if s & 0x30 == 0 { 1e-6 } else { 1.0 });
         }
+        // Zeros of both signs, and negative values that scale to -0.0 (their
+        // 8-bit m keeps the sign) or just past it.
+        for (i, v) in [-0.0f32, 0.0, f32::from_bits(0x8000_0001), f32::from_bits(0x8000_0003), -1e-45, -3e-39, 1e-45, -6e-8, -5.9e-8, -2.9e-8]
+            .into_iter()
+            .enumerate()
+        {
+            x[100 + 7 * i] = v;
+        }
         for (_, fast) in references() {
             for keep_sign in [false, true] {
-                for scale in [Scale::Mul(1.0), Scale::Mul(0.75), Scale::Div(1.3)] {
+                for scale in [Scale::Mul(1.0), Scale::Mul(0.75), Scale::Mul(0.25), Scale::Div(1.3), Scale::Div(4.0)] {
                     let mut a = vec![0u8; x.len() - 3];
                     let mut b = vec![0u8; x.len() - 3];
                     encode_block(&x[3..], scale, fast, keep_sign, &mut a);
@@ -760,6 +1163,14 @@ mod tests {
                         let mut d3 = vec![0f32; a.len()];
                         unsafe { avx512::dequantize_block_vbmi(&a, fast, 0.37, &mut d3) };
                         assert_eq!(d1, d3);
+                        // The step's encoder takes finite values only.
+                        let finite: Vec<f32> = x[3..].iter().map(|&v| if v.is_finite() { v } else { -0.0 }).collect();
+                        let mut c1 = vec![0u8; finite.len()];
+                        let mut c2 = vec![1u8; finite.len()];
+                        encode_block(&finite, scale, fast, keep_sign, &mut c1);
+                        unsafe { vbmi::encode_finite(&finite, scale, fast, keep_sign, &mut c2) };
+                        let bad = c1.iter().zip(&c2).position(|(a, b)| a != b);
+                        assert!(bad.is_none(), "{scale:?} keep_sign {keep_sign}: x={:e} {:?}", finite[bad.unwrap_or(0)], bad.map(|i| (c1[i], c2[i])));
                     }
                 }
             }
@@ -934,7 +1345,23 @@ mod tests {
 #[cfg(all(test, target_arch = "x86_64"))]
 mod timing {
     use super::*;
-    use std::time::Instant;
+
+    /// CPU time of this thread: the machines these run on are shared, and
+    /// time spent descheduled is not the kernel's.
+    #[derive(Clone, Copy)]
+    struct Instant(f64);
+
+    impl Instant {
+        fn now() -> Self {
+            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: a plain system call writing into `ts`.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+            Instant(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
+        }
+        fn elapsed(&self) -> std::time::Duration {
+            std::time::Duration::from_secs_f64(Self::now().0 - self.0)
+        }
+    }
 
     /// Per-element cost of each piece on one L1-resident block.
     #[test]
@@ -975,6 +1402,55 @@ mod timing {
             std::hint::black_box(unsafe { upd(&mut p, std::hint::black_box(&g), &mut m, &mut v, &h) });
         }
         eprintln!("update        {:.3} ns/elem", per(t));
+        if has_vbmi() {
+            let (mut qm, mut qv) = (vec![127u8; BLOCK], vec![3u8; BLOCK]);
+            let (mut am, mut av) = (vec![0.5f32; 1], vec![0.25f32; 1]);
+            let t = Instant::now();
+            for _ in 0..reps {
+                unsafe { vbmi::step_blocks(&mut p, std::hint::black_box(&g), &mut qm, &mut qv, &mut am, &mut av, &h, cs, unsigned()) };
+            }
+            eprintln!("fused block   {:.3} ns/elem", per(t));
+            let t = Instant::now();
+            for _ in 0..reps {
+                unsafe { vbmi::encode_finite(std::hint::black_box(&x), Scale::Mul(1.0), cs, true, &mut q) };
+            }
+            eprintln!("encode vbmi   {:.3} ns/elem", per(t));
+        }
+    }
+
+    /// Best of several whole steps, 8-bit against 32-bit: on blocks that stay
+    /// in cache, then on 16.8M elements with 1 and 2 threads (thread CPU
+    /// time of the calling thread: meaningful for 1 thread only). Run with
+    /// `cargo test --release timing::steps -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing, not a check"]
+    fn steps() {
+        let n = 1 << 24;
+        let x: Vec<f32> = (0..n).map(|i| ((i as f32 * 0.618).fract() - 0.5) * 2.0).collect();
+        let mut p = x.clone();
+        let g: Vec<f32> = x.iter().map(|v| v * 0.01).collect();
+        let (mut qm, mut qv) = (vec![127u8; n], vec![0u8; n]);
+        let (mut am, mut av) = (vec![0f32; n / BLOCK], vec![0f32; n / BLOCK]);
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        let h = AdamW8 { beta1: 0.9, one_minus_beta1: 0.1, beta2: 0.999, one_minus_beta2: 0.001, bc2_sqrt: 0.03, eps: 1e-8, decay: 1.0, step_size: -1e-3, maximize: false };
+        let h32 = crate::adamw::AdamW32 { decay: 1.0, lerp_weight: 0.1, beta2: 0.999, one_minus_beta2: 0.001, bc2_sqrt: 0.03, eps: 1e-8, step_size: -1e-3, maximize: false };
+        for &k in &[1usize << 16, 1 << 18] {
+            let reps = n / k;
+            let best = |f: &mut dyn FnMut()| {
+                (0..9).map(|_| { let t = Instant::now(); f(); t.elapsed().as_secs_f64() * 1e3 }).fold(f64::INFINITY, f64::min)
+            };
+            let t8 = best(&mut || for _ in 0..reps { adamw8_step(&mut p[..k], &g[..k], &mut qm[..k], &mut qv[..k], &mut am[..k / BLOCK], &mut av[..k / BLOCK], &h, 1).unwrap() });
+            let t32 = best(&mut || for _ in 0..reps { crate::adamw::adamw_step(&mut p[..k], &g[..k], &mut m[..k], &mut v[..k], &h32, 1).unwrap() });
+            eprintln!("cached {k}: 8-bit {:.3} ns/elem, 32-bit {:.3} ns/elem", t8 * 1e6 / n as f64, t32 * 1e6 / n as f64);
+        }
+        for threads in [1, 2] {
+            let best = |f: &mut dyn FnMut()| {
+                (0..9).map(|_| { let t = Instant::now(); f(); t.elapsed().as_secs_f64() * 1e3 }).fold(f64::INFINITY, f64::min)
+            };
+            let t8 = best(&mut || adamw8_step(&mut p, &g, &mut qm, &mut qv, &mut am, &mut av, &h, threads).unwrap());
+            let t32 = best(&mut || crate::adamw::adamw_step(&mut p, &g, &mut m, &mut v, &h32, threads).unwrap());
+            eprintln!("threads {threads}: 8-bit {t8:.2} ms, 32-bit {t32:.2} ms, ratio {:.2}", t8 / t32);
+        }
     }
 
     /// Single-thread cost of the pieces of the 8-bit step (run with

@@ -25,6 +25,16 @@
 //!
 //! The file is created in the directory the caller names, under a unique
 //! name, and removed when the store is dropped.
+//!
+//! Host-memory backing on a CPU ([`HostBacking`]) holds its pages in the same
+//! memory as the frames, so there a page in or out moves the page's buffer
+//! between the backing and the frame ([`Backing::exchange`]) instead of
+//! copying it: the walk, the LRU order, the pins and the counters are those
+//! of a copying store, the frames still hold at most `max_resident_bytes` of
+//! pages, and each page's bytes exist once (a copying host backing would
+//! keep every page plus the frames). Copying a page both ways per visit
+//! would more than double the memory traffic of the optimizer step it
+//! serves. File backing (and, later, pages in device memory) copy.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -88,9 +98,22 @@ pub trait Backing: Send + Sync {
     fn path(&self) -> Option<&Path> {
         None
     }
+    /// Whether pages move between this backing and the frames (see
+    /// [`Backing::exchange`]) instead of being copied by `write` and `read`.
+    fn moves_pages(&self) -> bool {
+        false
+    }
+    /// Swap the buffer held for `page` (empty if it holds none) with `buf`:
+    /// a page-out hands the frame's buffer over and gets an empty one back, a
+    /// page-in takes the page's buffer. Only called when [`Backing::moves_pages`].
+    fn exchange(&self, page: PageId, buf: &mut Vec<u64>) -> Result<()> {
+        let _ = (page, buf);
+        Err(invalid("internal: this backing copies pages; it cannot move them"))
+    }
 }
 
-/// Pages in ordinary host memory, each allocated on its first write.
+/// Pages in ordinary host memory, each allocated on its first write (or, as
+/// frames and backing share the memory, moved in and out of the frames).
 pub struct HostBacking {
     page_words: usize,
     slots: Vec<Mutex<Vec<u64>>>,
@@ -137,6 +160,15 @@ impl Backing for HostBacking {
         } else {
             data.copy_from_slice(as_bytes(&slot));
         }
+        Ok(())
+    }
+
+    fn moves_pages(&self) -> bool {
+        true
+    }
+
+    fn exchange(&self, page: PageId, buf: &mut Vec<u64>) -> Result<()> {
+        std::mem::swap(&mut *lock(&self.slots[page]), buf);
         Ok(())
     }
 }
@@ -322,7 +354,7 @@ pub struct Stats {
     pub peak_resident_bytes: usize,
     /// Pages brought into a frame (read from the backing, or zero-filled the first time).
     pub page_ins: u64,
-    /// Dirty pages written to the backing.
+    /// Dirty pages written (or, in host memory, moved) to the backing.
     pub page_outs: u64,
 }
 
@@ -343,12 +375,15 @@ struct FrameMeta {
     dirty: bool,
     last_use: u64,
     state: Use,
+    /// Counted in `resident_bytes` (from its first page on).
+    counted: bool,
 }
 
 #[derive(Default)]
 struct PageMeta {
     frame: Option<usize>,
-    /// The backing holds this page (otherwise it is all zeros).
+    /// The backing holds this page (otherwise it is all zeros); for a
+    /// backing that moves pages, the page's buffer when not resident.
     written: bool,
     /// Upcoming visits of the current walk that the loader has prepared.
     pins: u32,
@@ -402,7 +437,7 @@ impl PageStore {
             )));
         }
         let table = Table {
-            frames: (0..frames).map(|_| FrameMeta { page: None, dirty: false, last_use: 0, state: Use::Free }).collect(),
+            frames: (0..frames).map(|_| FrameMeta { page: None, dirty: false, last_use: 0, state: Use::Free, counted: false }).collect(),
             stats: Stats { page_bytes, max_resident_bytes, ..Stats::default() },
             ..Table::default()
         };
@@ -607,27 +642,34 @@ impl PageStore {
         let dirty = t.frames[frame].dirty;
         let written = t.pages[page].written;
         t.frames[frame].state = Use::Loading;
-        drop(t);
-
-        let mut buf = lock(&self.bufs[frame]);
-        if buf.is_empty() {
-            // Zeroed allocation: untouched memory is not resident until used.
-            *buf = vec![0u64; self.page_bytes / 8];
-            let mut t = lock(&self.table);
+        if !std::mem::replace(&mut t.frames[frame].counted, true) {
             t.stats.resident_bytes += self.page_bytes;
             t.stats.peak_resident_bytes = t.stats.peak_resident_bytes.max(t.stats.resident_bytes);
         }
+        drop(t);
+
+        let moves = self.backing.moves_pages();
+        let page_words = self.page_bytes / 8;
+        let mut buf = lock(&self.bufs[frame]);
         if let Some(v) = victim {
-            if dirty {
-                if let Err(e) = self.backing.write(v, as_bytes(&buf)) {
-                    // The victim keeps its frame and stays dirty: nothing is lost.
-                    lock(&self.table).frames[frame].state = Use::Ready;
-                    return Err(e);
-                }
+            // A moving backing gets every page back (it holds no other copy), clean or not.
+            let out = if moves {
+                self.backing.exchange(v, &mut buf)
+            } else if dirty {
+                self.backing.write(v, as_bytes(&buf))
+            } else {
+                Ok(())
+            };
+            if let Err(e) = out {
+                // The victim keeps its frame and stays dirty: nothing is lost.
+                lock(&self.table).frames[frame].state = Use::Ready;
+                return Err(e);
             }
             let mut t = lock(&self.table);
             if dirty {
                 t.stats.page_outs += 1;
+            }
+            if dirty || moves {
                 t.pages[v].written = true;
             }
             t.pages[v].frame = None;
@@ -635,9 +677,24 @@ impl PageStore {
             fr.page = None;
             fr.dirty = false;
         }
-        let read = if written { self.backing.read(page, as_bytes_mut(&mut buf)) } else {
-            buf.fill(0);
-            Ok(())
+        let read = if written && moves {
+            // The backing's buffer for `page` comes in; the frame's (empty) one goes there.
+            buf.clear();
+            self.backing.exchange(page, &mut buf).and_then(|()| {
+                if buf.len() == page_words {
+                    Ok(())
+                } else {
+                    Err(invalid("internal: a moved page has the wrong size"))
+                }
+            })
+        } else {
+            if buf.len() != page_words {
+                // Zeroed allocation: untouched memory is not resident until used.
+                *buf = vec![0u64; page_words];
+            } else if !written {
+                buf.fill(0);
+            }
+            if written { self.backing.read(page, as_bytes_mut(&mut buf)) } else { Ok(()) }
         };
         drop(buf);
         let mut t = lock(&self.table);
@@ -650,7 +707,7 @@ impl PageStore {
         t.stats.page_ins += 1;
         t.pages[page].frame = Some(frame);
         t.pages[page].pins += 1;
-        t.frames[frame] = FrameMeta { page: Some(page), dirty: false, last_use: clock, state: Use::Ready };
+        t.frames[frame] = FrameMeta { page: Some(page), dirty: false, last_use: clock, state: Use::Ready, counted: true };
         t.io_done = j + 1;
         drop(t);
         self.changed.notify_all();
@@ -725,6 +782,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn host_memory_moves_pages_instead_of_copying_them() {
+        // A moved page keeps its buffer: each page is seen at its own address
+        // on every walk, although only two frames take turns holding them.
+        let mut s = PageStore::in_host_memory(PB, 2 * PB).unwrap();
+        s.add_pages(4).unwrap();
+        let order: Vec<PageId> = (0..4).collect();
+        let mut seen = vec![Vec::new(); 4];
+        for salt in 0..3 {
+            let (_, r) = s.walk(&order, true, true, |k, b| {
+                seen[order[k]].push(b.as_ptr() as usize);
+                b.fill(order[k] as u8 + salt);
+                Ok(())
+            });
+            r.unwrap();
+            verify_const(&s, &[3, 1, 0, 2], salt);
+        }
+        for addrs in &seen {
+            assert!(addrs.iter().all(|&a| a == addrs[0]), "{seen:?}");
+        }
+        let mut first: Vec<usize> = seen.iter().map(|a| a[0]).collect();
+        first.sort();
+        first.dedup();
+        assert_eq!(first.len(), 4);
+        let st = s.stats();
+        assert_eq!((st.resident_bytes, st.peak_resident_bytes), (2 * PB, 2 * PB));
+        assert!(st.page_outs >= 8 && st.page_ins >= 12, "{st:?}");
+    }
+
+    fn verify_const(store: &PageStore, order: &[PageId], salt: u8) {
+        let (_, r) = store.walk(order, true, false, |k, b| {
+            assert!(b.iter().all(|&x| x == order[k] as u8 + salt));
+            Ok(())
+        });
+        r.unwrap();
     }
 
     #[test]
