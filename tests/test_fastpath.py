@@ -94,14 +94,14 @@ def test_fused_swiglu_matches_autograd(dtype):
     torch.testing.assert_close(up.grad, gu, **tol)
 
 
-def _qlora(tiny_llama_dir, dtype):
+def _qlora(tiny_llama_dir, dtype, lora_dropout=0.0):
     from qpeft import quantize_model
     from qpeft.tuners import LoraConfig, get_peft_model
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=dtype)
     model = quantize_model(model, compute_dtype=dtype)
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=lora_dropout))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -272,3 +272,29 @@ def test_dense_backward_attention_in_a_model(tiny_llama_dir, monkeypatch):
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
         for k, ref in ref_grads.items():
             assert (grads[k] - ref).norm() <= 1e-4 * ref.norm().clamp_min(1e-12), k
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_mlp_block_takes_the_fused_function_or_falls_back(tiny_llama_dir, monkeypatch, dropout):
+    from qpeft.train import mlp_block
+
+    calls = []
+    real = mlp_block.RecomputedMLP.backward
+    monkeypatch.setattr(mlp_block.RecomputedMLP, "backward", staticmethod(
+        lambda ctx, d: calls.append(1) or real(ctx, d)))
+    model = _qlora(tiny_llama_dir, torch.bfloat16, lora_dropout=dropout)
+    ref = copy.deepcopy(model)
+    enable_fast_path(model)
+    enable_fast_path(ref, recompute_mlp=False)
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    torch.manual_seed(0)
+    loss, grads = _loss_and_grads(model, batch)
+    torch.manual_seed(0)
+    ref_loss, ref_grads = _loss_and_grads(ref, batch)
+    # Dropout needs the random replay of checkpointing; plain LoRA takes the fused block.
+    assert len(calls) == (0 if dropout else model.config.num_hidden_layers)
+    # Same forward, and backward to bf16 rounding (the same kernels in the same order where fused).
+    assert loss == ref_loss
+    for k, r in ref_grads.items():
+        assert (grads[k].float() - r.float()).norm() <= 1e-2 * r.float().norm().clamp_min(1e-12), k

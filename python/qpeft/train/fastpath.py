@@ -40,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .chunked_loss import chunked_lm_loss_sum
 from .heap import release_free_memory
+from .mlp_block import RecomputedMLP, fused_mlp_parts
 
 __all__ = ["FusedRMSNorm", "FusedSwiGLU", "enable_fast_path", "lm_loss_sum", "lm_parts"]
 
@@ -125,8 +126,15 @@ def _norm_then_mlp(mlp: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
 def _recomputed_mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():
         return _mlp_forward(self, hidden_states)
-    # Non-reentrant checkpoint: replays LoRA dropout with the same random state
-    # and keeps only the block's input (the residual stream, alive anyway).
+    norm = self.__dict__["_qpeft_norm"]
+    parts = fused_mlp_parts(norm, self)
+    if parts is not None:
+        weight, eps, compute, gate, up, down = parts
+        return RecomputedMLP.apply(hidden_states, weight, eps, compute, gate, up, down,
+                                   gate[2], gate[3], up[2], up[3], down[2], down[3])
+    # Anything else (dropout, DoRA, several adapters, a trained norm):
+    # non-reentrant checkpoint, which replays LoRA dropout with the same random
+    # state and keeps only the block's input.
     return checkpoint(_norm_then_mlp, self, hidden_states, use_reentrant=False)
 
 

@@ -1,0 +1,141 @@
+"""The feed-forward half of a decoder layer as one autograd function that keeps only its input.
+
+``x + down(silu(gate(n)) * up(n))`` with ``n = rmsnorm(x)``, where gate, up and
+down are LoRA layers on frozen 4-bit weights. Autograd would keep ``n``, the
+gate and up outputs and the down projection's input (10 of the 17 MB a
+SmolLM2 layer keeps per 1,024 tokens); generic checkpointing keeps only ``x``
+but replays the whole block, the down projection's matmul and three
+dequantizations included. :class:`RecomputedMLP` keeps ``x`` (and the
+norm's per-token scale) and in backward recomputes only the gate and up
+outputs, from the same dequantized weights that their input gradient needs
+anyway. Forward values are bit-identical to the LoRA layers' own forward on
+the trainer's fast path (adapter matmuls in the compute dtype).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import functional
+
+__all__ = ["RecomputedMLP", "fused_mlp_parts"]
+
+
+def _lora_parts(layer: Any) -> Optional[tuple]:
+    """(packed weight, quant state, A, B, scaling) of a LoRA layer this function can take, else None."""
+    from ..tuners.lora import LoraLinear
+
+    if not isinstance(layer, LoraLinear) or not layer.is_4bit or not layer.lora_in_compute_dtype:
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if layer.disabled or layer.merged_adapters or len(active) != 1:
+        return None
+    name = active[0]
+    drop = layer.lora_dropout[name]
+    if name in layer.lora_magnitude_vector or (isinstance(drop, torch.nn.Dropout) and drop.training and drop.p > 0):
+        return None
+    base = layer.base_layer
+    if base.bias is not None:
+        return None
+    return base.weight, base.quant_state, layer.lora_A[name], layer.lora_B[name], float(layer.scaling[name])
+
+
+def fused_mlp_parts(norm: Any, mlp: Any) -> Optional[tuple]:
+    """The arguments :class:`RecomputedMLP` needs for ``mlp(norm(x))``, or None when
+    a layer is not a plain single-adapter LoRA on a 4-bit weight (dropout, DoRA,
+    several or merged adapters, a bias: the caller falls back to checkpointing)."""
+    parts = [_lora_parts(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj", "down_proj")]
+    if any(p is None for p in parts):
+        return None
+    if norm.weight.requires_grad:
+        return None  # a trained norm needs its own gradient: not computed here
+    compute = mlp.gate_proj.base_layer.compute_dtype
+    return (norm.weight, float(norm.variance_epsilon), compute, *parts)
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # The rounding of transformers' RMSNorm (and of qpeft's FusedRMSNorm).
+    x32 = x.float()
+    scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x32 * scale).to(x.dtype), scale
+
+
+def _lora_out(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> tuple:
+    # As LoraMatMul4bit's forward on the fast path: base matmul, then the
+    # low-rank term in the compute dtype added with one rounding.
+    a = x @ A.to(x.dtype).t()
+    return F.linear(x, W).add_(a @ B.to(x.dtype).t(), alpha=s), a
+
+
+class RecomputedMLP(torch.autograd.Function):
+    """``down(silu(gate(n)) * up(n))``, ``n = rmsnorm(x)``; see the module docstring.
+
+    Arguments after ``x``: the norm's weight and epsilon, the compute dtype and,
+    for gate, up and down, ``(packed weight, quant_state, A, B, scaling)``.
+    Gradients flow to ``x`` and to the six adapter matrices.
+    """
+
+    @staticmethod
+    def forward(ctx, x, norm_w, eps, compute, gate, up, down, *adapters):
+        dtype = compute or x.dtype
+        n, scale = _norm(x, norm_w, eps)
+        n = n.to(dtype)
+        parts = []
+        for (wq, qs, _, _, s), (A, B) in zip((gate, up), (adapters[0:2], adapters[2:4])):
+            y = functional.linear_4bit(n, wq, qs)
+            parts.append(y.add_(n @ A.to(dtype).t() @ B.to(dtype).t(), alpha=s))
+        h = F.silu(parts[0]) * parts[1]
+        del parts
+        wq, qs, _, _, s = down
+        A, B = adapters[4:6]
+        out = functional.linear_4bit(h, wq, qs).add_(h @ A.to(dtype).t() @ B.to(dtype).t(), alpha=s)
+        ctx.eps, ctx.dtype, ctx.x_dtype = eps, dtype, x.dtype
+        ctx.states = (gate[1], up[1], down[1])
+        ctx.scalings = (gate[4], up[4], down[4])
+        ctx.save_for_backward(x, scale, norm_w, gate[0], up[0], down[0], *adapters)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        x, scale, norm_w, wg, wu, wd, Ag, Bg, Au, Bu, Ad, Bd = ctx.saved_tensors
+        dtype = ctx.dtype
+        (qg, qu, qd), (sg, su, sd) = ctx.states, ctx.scalings
+        xh = x.float() * scale
+        n = (norm_w * xh.to(x.dtype)).to(dtype)
+        Wg = functional.dequantize_4bit(wg, qg).to(dtype)
+        Wu = functional.dequantize_4bit(wu, qu).to(dtype)
+        g, ag = _lora_out(n, Wg, Ag, Bg, sg)
+        u, au = _lora_out(n, Wu, Au, Bu, su)
+        h = F.silu(g) * u  # exactly the forward's down-projection input
+        # SwiGLU backward in fp32, as FusedSwiGLU.
+        g32 = g.float()
+        sig = torch.sigmoid(g32)
+        silu = g32 * sig
+        dy = d_out.to(dtype)
+        flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
+        # Down projection: LoRA gradients, then the input gradient.
+        ad = h @ Ad.to(dtype).t()
+        grads = [None] * 6
+        grads[5] = (sd * (flat(dy).t() @ flat(ad))).to(Bd.dtype)
+        td = sd * (dy @ Bd.to(dtype))
+        grads[4] = (flat(td).t() @ flat(h)).to(Ad.dtype)
+        dh = (functional.grad_input_4bit(dy, wd, qd) + td @ Ad.to(dtype)).float()
+        del h, ad, td
+        u32 = u.float()
+        du = (dh * silu).to(dtype)
+        dg = (dh * u32 * (sig * (1 + g32 * (1 - sig)))).to(dtype)
+        del dh, u32, silu, sig, g32, g, u
+        dn = None
+        for dyk, ak, W, A, B, s, i in ((dg, ag, Wg, Ag, Bg, sg, 0), (du, au, Wu, Au, Bu, su, 2)):
+            grads[i + 1] = (s * (flat(dyk).t() @ flat(ak))).to(B.dtype)
+            t = s * (dyk @ B.to(dtype))
+            grads[i] = (flat(t).t() @ flat(n)).to(A.dtype)
+            part = dyk @ W + t @ A.to(dtype)
+            dn = part if dn is None else dn.add_(part)
+        # RMSNorm backward (as FusedRMSNorm; the norm's weight is frozen here).
+        dyw = dn.float() * norm_w.float()
+        dx = scale * (dyw - xh * (dyw * xh).mean(-1, keepdim=True))
+        return (dx.to(ctx.x_dtype), None, None, None, None, None, None, *grads)
