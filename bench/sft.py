@@ -100,15 +100,18 @@ def init_lora(model, seed: int) -> None:
 # ------------------------------------------------------------------ workers
 
 
-def hf_model(checkpointing: bool):
+def hf_model(checkpointing: bool, compute_dtype: str = "auto"):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from qpeft import hf
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    # bf16 compute, as the issue's reference; fp32 where qpeft is told fp32
+    # (a CPU without bf16, where bitsandbytes' bf16 path would be emulated).
+    dtype = torch.float32 if compute_dtype == "float32" else torch.bfloat16
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(hf.model_folder(), quantization_config=q, dtype=torch.bfloat16)
+                           bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(hf.model_folder(), quantization_config=q, dtype=dtype)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     if not checkpointing:
         model.config.use_cache = False
@@ -155,7 +158,7 @@ def worker(name: str, args) -> dict:
 
         after_step = _release_free_memory  # as the trainer does after each step
     else:
-        model = hf_model(checkpointing=name == "hf-ckpt")
+        model = hf_model(checkpointing=name == "hf-ckpt", compute_dtype=args.compute_dtype)
         model.train()
         init_lora(model, 0)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -188,7 +191,7 @@ def trl_worker(rows, args, t_load) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    model = hf_model(checkpointing=True)
+    model = hf_model(checkpointing=True, compute_dtype=args.compute_dtype)
     init_lora(model, 0)
     data = datasets.Dataset.from_dict({"input_ids": rows[:args.steps * args.batch].tolist()})
     times: list[float] = []
@@ -231,7 +234,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="qpeft,hf-ckpt,hf,trl", help=f"comma-separated subset of {CONTENDERS}")
     ap.add_argument("--compute-dtype", default="auto", choices=("auto", "bfloat16", "float32"),
-                    help="qpeft's compute dtype (float32 with --isa avx2 simulates a CPU without AVX-512/bf16)")
+                    help="compute dtype (float32 with --isa avx2 simulates a CPU without AVX-512/bf16; "
+                         "the Hugging Face contenders then compute in float32 too)")
     ap.add_argument("--isa", default=None, choices=("avx2",),
                     help="simulate an AVX2 CPU for every contender (QPEFT_MAX_ISA, ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
