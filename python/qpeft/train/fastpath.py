@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .chunked_loss import chunked_lm_loss_sum
 from .heap import release_free_memory
-from .mlp_block import RecomputedMLP, fused_mlp_parts
+from .mlp_block import RecomputedMLP, fused_mlp_parts, rmsnorm_grad, swiglu_grad
 
 __all__ = ["FusedRMSNorm", "FusedSwiGLU", "enable_fast_path", "lm_loss_sum", "lm_parts"]
 
@@ -70,12 +70,11 @@ class FusedRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, scale = ctx.saved_tensors
-        xh = x.float() * scale
-        dyw = dy.float() * weight.float()
-        dx = scale * (dyw - xh * (dyw * xh).mean(-1, keepdim=True))
+        dx = rmsnorm_grad(x, scale, weight, dy)
         dw = None
         if ctx.needs_input_grad[1]:
-            dw = (dy.float() * xh.to(x.dtype).float()).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+            xh = (x.float() * scale).to(x.dtype).float()
+            dw = (dy.float() * xh).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         return dx.to(x.dtype), dw, None
 
 
@@ -90,13 +89,7 @@ class FusedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        g = gate.float()
-        s = torch.sigmoid(g)
-        silu = g * s
-        dy32 = dy.float()
-        d_up = (dy32 * silu).to(up.dtype)
-        d_gate = (dy32 * up.float() * (s * (1 + g * (1 - s)))).to(gate.dtype)
-        return d_gate, d_up
+        return swiglu_grad(gate, up, dy)
 
 
 def _rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import functional
 
-__all__ = ["RecomputedMLP", "fused_mlp_parts"]
+__all__ = ["RecomputedMLP", "fused_mlp_parts", "rmsnorm_grad", "swiglu_grad"]
 
 
 def _lora_parts(layer: Any) -> Optional[tuple]:
@@ -61,6 +61,23 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tens
     x32 = x.float()
     scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * (x32 * scale).to(x.dtype), scale
+
+
+def rmsnorm_grad(x: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """fp32 input gradient of ``weight * (x * scale)`` with ``scale = rsqrt(mean(x^2) + eps)``."""
+    xh = x.float() * scale
+    dyw = dy.float() * weight.float()
+    return scale * (dyw - xh * (dyw * xh).mean(-1, keepdim=True))
+
+
+def swiglu_grad(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d gate, d up) of ``silu(gate) * up``, computed in fp32 and returned in their dtypes."""
+    g = gate.float()
+    s = torch.sigmoid(g)
+    dy32 = dy.float()
+    d_up = (dy32 * (g * s)).to(up.dtype)
+    d_gate = (dy32 * up.float() * (s * (1 + g * (1 - s)))).to(gate.dtype)
+    return d_gate, d_up
 
 
 def _lora_out(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> tuple:
@@ -103,17 +120,12 @@ class RecomputedMLP(torch.autograd.Function):
         x, scale, norm_w, wg, wu, wd, Ag, Bg, Au, Bu, Ad, Bd = ctx.saved_tensors
         dtype = ctx.dtype
         (qg, qu, qd), (sg, su, sd) = ctx.states, ctx.scalings
-        xh = x.float() * scale
-        n = (norm_w * xh.to(x.dtype)).to(dtype)
+        n = (norm_w * (x.float() * scale).to(x.dtype)).to(dtype)
         Wg = functional.dequantize_4bit(wg, qg).to(dtype)
         Wu = functional.dequantize_4bit(wu, qu).to(dtype)
         g, ag = _lora_out(n, Wg, Ag, Bg, sg)
         u, au = _lora_out(n, Wu, Au, Bu, su)
         h = F.silu(g) * u  # exactly the forward's down-projection input
-        # SwiGLU backward in fp32, as FusedSwiGLU.
-        g32 = g.float()
-        sig = torch.sigmoid(g32)
-        silu = g32 * sig
         dy = d_out.to(dtype)
         flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
         # Down projection: LoRA gradients, then the input gradient.
@@ -122,12 +134,10 @@ class RecomputedMLP(torch.autograd.Function):
         grads[5] = (sd * (flat(dy).t() @ flat(ad))).to(Bd.dtype)
         td = sd * (dy @ Bd.to(dtype))
         grads[4] = (flat(td).t() @ flat(h)).to(Ad.dtype)
-        dh = (functional.grad_input_4bit(dy, wd, qd) + td @ Ad.to(dtype)).float()
+        dh = functional.grad_input_4bit(dy, wd, qd) + td @ Ad.to(dtype)
         del h, ad, td
-        u32 = u.float()
-        du = (dh * silu).to(dtype)
-        dg = (dh * u32 * (sig * (1 + g32 * (1 - sig)))).to(dtype)
-        del dh, u32, silu, sig, g32, g, u
+        dg, du = swiglu_grad(g, u, dh)
+        del dh, g, u
         dn = None
         for dyk, ak, W, A, B, s, i in ((dg, ag, Wg, Ag, Bg, sg, 0), (du, au, Wu, Au, Bu, su, 2)):
             grads[i + 1] = (s * (flat(dyk).t() @ flat(ak))).to(B.dtype)
@@ -135,7 +145,6 @@ class RecomputedMLP(torch.autograd.Function):
             grads[i] = (flat(t).t() @ flat(n)).to(A.dtype)
             part = dyk @ W + t @ A.to(dtype)
             dn = part if dn is None else dn.add_(part)
-        # RMSNorm backward (as FusedRMSNorm; the norm's weight is frozen here).
-        dyw = dn.float() * norm_w.float()
-        dx = scale * (dyw - xh * (dyw * xh).mean(-1, keepdim=True))
+        # The norm's weight is frozen here (fused_mlp_parts checks).
+        dx = rmsnorm_grad(x, scale, norm_w, dn)
         return (dx.to(ctx.x_dtype), None, None, None, None, None, None, *grads)
