@@ -38,12 +38,14 @@ def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
 @torch.no_grad()
 def mean_loss(model: Any, examples: Sequence[Encoded], pad_token_id: int, batch_size: int = 8) -> float:
     """Mean target-token loss over encoded examples."""
+    from .trainer import PAD_MULTIPLE  # here: the trainer imports this module
+
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
         for i in range(0, len(examples), batch_size):
-            loss, n = token_loss_sum(model, collate(examples[i:i + batch_size], pad_token_id, 8))
+            loss, n = token_loss_sum(model, collate(examples[i:i + batch_size], pad_token_id, PAD_MULTIPLE))
             total += float(loss)
             count += n
     finally:
