@@ -25,25 +25,42 @@ def reference_loss(hidden, weight, labels):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 7, 16, 1000])
-def test_chunked_loss_matches_cross_entropy(dtype, rows):
+@pytest.mark.parametrize("train_weight", [True, False], ids=["head-trains", "head-frozen"])
+def test_chunked_loss_matches_cross_entropy(dtype, rows, train_weight):
+    # A frozen head takes the path that forms the hidden gradient in forward.
     g = torch.Generator().manual_seed(rows)
     B, T, d, V = 3, 11, 24, 97
     h = torch.randn(B, T, d, generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(V, d, generator=g) * 0.3).to(dtype).requires_grad_()
+    w = (torch.randn(V, d, generator=g) * 0.3).to(dtype).requires_grad_(train_weight)
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[0, :5] = -100
     labels[2, -1] = -100
     ref = reference_loss(h, w, labels)
     ref.backward()
-    gh, gw = h.grad.clone(), w.grad.clone()
+    gh, gw = h.grad.clone(), (w.grad.clone() if train_weight else None)
     h.grad = w.grad = None
     x = h[:, :-1].reshape(-1, d)
     got = ChunkedLMLoss.apply(x, w, labels[:, 1:].reshape(-1), rows)
-    got.backward()
+    # A scale that is not 1: the eager path multiplies its kept gradient by it.
+    (got * 0.37).backward()
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got, ref.float(), **tol)
-    torch.testing.assert_close(h.grad.float(), gh.float(), **tol)
-    torch.testing.assert_close(w.grad.float(), gw.float(), **tol)
+    torch.testing.assert_close(h.grad.float(), 0.37 * gh.float(), **tol)
+    if train_weight:
+        torch.testing.assert_close(w.grad.float(), 0.37 * gw.float(), **tol)
+    else:
+        assert w.grad is None
+
+
+def test_chunked_loss_under_no_grad_matches_cross_entropy():
+    h = torch.randn(9, 8, requires_grad=True)
+    w = torch.randn(13, 8)
+    t = torch.randint(0, 13, (9,))
+    with torch.no_grad():
+        loss = ChunkedLMLoss.apply(h, w, t, 4, torch.is_grad_enabled())
+    assert loss.grad_fn is None
+    ref = F.cross_entropy(h @ w.t(), t, reduction="sum")
+    torch.testing.assert_close(loss, ref)
 
 
 def test_chunked_loss_all_ignored_is_zero_with_zero_gradient():

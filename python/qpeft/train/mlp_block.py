@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional
+from ..tuners.lora_autograd import addmm_into
 
 __all__ = ["RecomputedMLP", "fused_mlp_parts", "rmsnorm_grad", "swiglu_grad"]
 
@@ -82,9 +83,9 @@ def swiglu_grad(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> tuple
 
 def _lora_out(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> tuple:
     # As LoraMatMul4bit's forward on the fast path: base matmul, then the
-    # low-rank term in the compute dtype added with one rounding.
+    # low-rank term in the compute dtype accumulated into it by the matmul.
     a = x @ A.to(x.dtype).t()
-    return F.linear(x, W).add_(a @ B.to(x.dtype).t(), alpha=s), a
+    return addmm_into(F.linear(x, W), a, B.to(x.dtype).t(), s), a
 
 
 class RecomputedMLP(torch.autograd.Function):
@@ -103,12 +104,12 @@ class RecomputedMLP(torch.autograd.Function):
         parts = []
         for (wq, qs, _, _, s), (A, B) in zip((gate, up), (adapters[0:2], adapters[2:4])):
             y = functional.linear_4bit(n, wq, qs)
-            parts.append(y.add_(n @ A.to(dtype).t() @ B.to(dtype).t(), alpha=s))
+            parts.append(addmm_into(y, n @ A.to(dtype).t(), B.to(dtype).t(), s))
         h = F.silu(parts[0]) * parts[1]
         del parts
         wq, qs, _, _, s = down
         A, B = adapters[4:6]
-        out = functional.linear_4bit(h, wq, qs).add_(h @ A.to(dtype).t() @ B.to(dtype).t(), alpha=s)
+        out = addmm_into(functional.linear_4bit(h, wq, qs), h @ A.to(dtype).t(), B.to(dtype).t(), s)
         ctx.eps, ctx.dtype, ctx.x_dtype = eps, dtype, x.dtype
         ctx.states = (gate[1], up[1], down[1])
         ctx.scalings = (gate[4], up[4], down[4])
@@ -134,7 +135,7 @@ class RecomputedMLP(torch.autograd.Function):
         grads[5] = (sd * (flat(dy).t() @ flat(ad))).to(Bd.dtype)
         td = sd * (dy @ Bd.to(dtype))
         grads[4] = (flat(td).t() @ flat(h)).to(Ad.dtype)
-        dh = functional.grad_input_4bit(dy, wd, qd) + td @ Ad.to(dtype)
+        dh = addmm_into(functional.grad_input_4bit(dy, wd, qd), td, Ad.to(dtype))
         del h, ad, td
         dg, du = swiglu_grad(g, u, dh)
         del dh, g, u
@@ -143,8 +144,8 @@ class RecomputedMLP(torch.autograd.Function):
             grads[i + 1] = (s * (flat(dyk).t() @ flat(ak))).to(B.dtype)
             t = s * (dyk @ B.to(dtype))
             grads[i] = (flat(t).t() @ flat(n)).to(A.dtype)
-            part = dyk @ W + t @ A.to(dtype)
-            dn = part if dn is None else dn.add_(part)
+            dn = dyk @ W if dn is None else addmm_into(dn, dyk, W)
+            addmm_into(dn, t, A.to(dtype))
         # The norm's weight is frozen here (fused_mlp_parts checks).
         dx = rmsnorm_grad(x, scale, norm_w, dn)
         return (dx.to(ctx.x_dtype), None, None, None, None, None, None, *grads)

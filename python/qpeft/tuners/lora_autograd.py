@@ -23,7 +23,18 @@ import torch.nn.functional as F
 
 from .. import functional
 
-__all__ = ["LoraMatMul4bit", "dora_weight_norm", "lora_linear_4bit"]
+__all__ = ["LoraMatMul4bit", "addmm_into", "dora_weight_norm", "lora_linear_4bit"]
+
+
+def addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``out += alpha * (a @ b)`` in place, for a contiguous ``out [..., n]`` and ``a [..., k]``.
+
+    The product is accumulated inside the matmul (one rounding, no
+    ``[tokens, n]`` temporary), which for a rank-r term costs a fraction of a
+    separate product and sum: those are bound by memory traffic, not arithmetic.
+    """
+    out.view(-1, out.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), b, alpha=alpha)
+    return out
 
 
 def dora_weight_norm(
@@ -52,7 +63,8 @@ class LoraMatMul4bit(torch.autograd.Function):
         out_dtype = x.dtype
         # The adapter's matmuls run in lora_dtype (default: the adapter's own);
         # gradients are returned in the adapter's dtype either way.
-        lora_dtype = A.dtype if lora_dtype is None or magnitude is not None else lora_dtype
+        compute_path = lora_dtype is not None and magnitude is None
+        lora_dtype = lora_dtype if compute_path else A.dtype
         ctx.lora_dtype = lora_dtype
         A_, B_ = A.to(lora_dtype), B.to(lora_dtype)
         xd = x.to(lora_dtype)
@@ -63,7 +75,6 @@ class LoraMatMul4bit(torch.autograd.Function):
             mask = keep != 0
             xd = xd * keep
         h = xd @ A_.t()
-        lora = h @ B_.t()
         norm = None
         # Sums are formed in PEFT's order (base output with bias first, then the
         # adapter term), so equal weights give equal logits to the last bit.
@@ -71,12 +82,14 @@ class LoraMatMul4bit(torch.autograd.Function):
             result = functional.linear_4bit(x, weight, quant_state)
             if bias is not None:
                 result = result + bias.to(result.dtype)
-            if result.dtype == lora_dtype != A.dtype:
-                # Compute-dtype adapter path (the trainer's fast path): one fused
-                # pass into the fresh result instead of a scaled copy and a sum.
-                out = result.add_(lora, alpha=scaling)
+            # The compute-dtype path (the trainer's fast path) accumulates the
+            # adapter into the fresh result inside the matmul: no [tokens, out]
+            # temporaries (the product, its scaled copy, the sum).
+            ctx.fused = compute_path and result.dtype == lora_dtype and result.is_contiguous()
+            if ctx.fused:
+                out = addmm_into(result, h, B_.t(), scaling)
             else:
-                out = result.to(lora_dtype) + lora * scaling
+                out = result.to(lora_dtype) + (h @ B_.t()) * scaling
         else:
             W = functional.dequantize_4bit(weight, quant_state).to(x.dtype)
             base = F.linear(x, W)
@@ -89,7 +102,8 @@ class LoraMatMul4bit(torch.autograd.Function):
             norm = dora_weight_norm(W, A, B, scaling, inplace=True)
             del W
             g = magnitude / norm
-            out = result.to(lora_dtype) + ((g - 1) * base_d.to(lora_dtype) + g * lora * scaling)
+            ctx.fused = False
+            out = result.to(lora_dtype) + ((g - 1) * base_d.to(lora_dtype) + g * (h @ B_.t()) * scaling)
         ctx.quant_state = quant_state
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
@@ -128,7 +142,12 @@ class LoraMatMul4bit(torch.autograd.Function):
         if need_x:
             if g is None:
                 grad_x = functional.grad_input_4bit(grad_out.to(ctx.x_dtype), weight, ctx.quant_state).to(A.dtype)
-                lora_in = dh @ A
+                if ctx.fused and mask is None and grad_x.is_contiguous():
+                    # As in forward: the adapter's share goes into the fresh gradient.
+                    addmm_into(grad_x, dh, A)
+                    lora_in = None
+                else:
+                    lora_in = dh @ A
             elif mask is None:
                 grad_x = dyg @ W
                 lora_in = dh @ A
@@ -137,7 +156,7 @@ class LoraMatMul4bit(torch.autograd.Function):
                 lora_in = (dy * (g - 1)) @ W + dh @ A
             if mask is not None:
                 lora_in = lora_in * (mask.to(lora_in.dtype) / (1.0 - ctx.dropout_p))
-            grad_x = (grad_x + lora_in).to(ctx.x_dtype)
+            grad_x = (grad_x if lora_in is None else grad_x + lora_in).to(ctx.x_dtype)
         if ctx.needs_input_grad[3]:
             grad_bias = dy2.sum(0).to(ctx.bias_dtype)
         return grad_x, None, None, grad_bias, grad_A, grad_B, grad_m, None, None, None
