@@ -70,19 +70,20 @@ def _check_and_reload(q4_copy, peft_model, tok, before_hash, before_params, out_
     assert diff <= 1e-5 * max(1.0, scale)
 
 
-def _trainer_run(model, tok, out_dir, steps=3, batch=2, max_length=64, lr=1e-2, **kw):
+def _trainer_run(model, tok, out_dir, steps=3, batch=2, max_length=64, lr=1e-2, resume=None, **kw):
     encoded = D.encode_all([D.parse_record(r) for r in _records()], tok, "course", max_length=max_length)
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
     pad = D.pad_token_id(tok)
+    kw.setdefault("save_strategy", "no")
     args = transformers.TrainingArguments(
         output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
-        use_cpu=True, save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, **kw,
+        use_cpu=True, report_to=[], logging_steps=1, disable_tqdm=True, **kw,
     )
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=rows,
         data_collator=lambda b: D.collate([D.Encoded(r["input_ids"], r["labels"]) for r in b], pad),
     )
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume)
     assert result.global_step == steps
     return trainer
 
@@ -120,6 +121,94 @@ def test_sft_trainer_trains_a_4bit_lora_model_and_it_saves_a_peft_adapter(tok, t
     trainer = trl.SFTTrainer(model=pm.get_base_model(), args=args, train_dataset=data, processing_class=tok)
     assert trainer.train().global_step == 3
     _check_and_reload(q4_copy, pm, tok, before, params, tmp_path / "adapter")
+
+
+_LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
+
+
+def _adapter(pm) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+
+
+def test_a_tied_peft_model_names_the_tied_weight_once_and_loads_its_state_dict_strictly(tok, tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    pm = get_peft_model(_tiny_4bit(tok), LoraConfig(**_LORA))
+    base = pm.get_base_model()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    sd = pm.state_dict()
+    full = {f"base_model.model.{k}": v for k, v in base.state_dict().items()}
+    assert set(full) - set(sd) == {"base_model.model.lm_head.weight"} and set(sd) <= set(full)
+    st.save_file(sd, tmp_path / "m.safetensors")  # raised "Some tensors share memory" before
+    with pytest.raises(RuntimeError, match="share memory"):
+        st.save_file(full, tmp_path / "full.safetensors")
+
+    torch.manual_seed(1)
+    other = get_peft_model(_tiny_4bit(tok), LoraConfig(**_LORA))
+    with torch.no_grad():
+        other.get_base_model().model.embed_tokens.weight.add_(1.0)
+    assert not all(torch.equal(v, other.state_dict()[k]) for k, v in sd.items())
+    for state in (st.load_file(tmp_path / "m.safetensors"), full):
+        result = other.load_state_dict(state, strict=True)
+        assert not result.missing_keys and not result.unexpected_keys
+        got = other.state_dict()
+        assert set(got) == set(sd) and all(torch.equal(v, got[k]) for k, v in sd.items())
+        ob = other.get_base_model()
+        assert ob.lm_head.weight is ob.model.embed_tokens.weight  # still one parameter, not two copies
+    # A state dict keeping the other name of the pair loads as well.
+    swapped = {("base_model.model.lm_head.weight" if k.endswith("embed_tokens.weight") else k): v for k, v in sd.items()}
+    other.load_state_dict(swapped, strict=True)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        other.load_state_dict({k: v for k, v in sd.items() if "embed_tokens" not in k}, strict=True)
+
+
+def test_trainer_checkpoints_a_tied_4bit_lora_model_and_resumes_where_it_stopped(tok, tmp_path):
+    run = dict(steps=4, save_strategy="steps", save_steps=2, seed=0, data_seed=0)
+    pm = get_peft_model(_tiny_4bit(tok), LoraConfig(**_LORA))
+    whole = _trainer_run(pm, tok, tmp_path / "a", **run)
+    assert {p.name for p in (tmp_path / "a").iterdir()} >= {"checkpoint-2", "checkpoint-4"}
+    want, want_hash = _adapter(pm), _hash_base(pm)
+
+    # A fresh process would build the model again; another seed gives other LoRA
+    # initial weights, so only a working resume can reach the same adapter.
+    q4 = _tiny_4bit(tok)
+    torch.manual_seed(1)
+    fresh = get_peft_model(q4, LoraConfig(**_LORA))
+    start = _adapter(fresh)
+    assert any(not torch.equal(start[n], want[n]) for n in want if "lora_A" in n)
+    resumed = _trainer_run(fresh, tok, tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"), **run)
+    got = _adapter(fresh)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert _hash_base(fresh) == want_hash
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (whole, resumed)]
+    # The resumed history is the checkpoint's two entries, then steps 3 and 4 computed anew.
+    assert len(losses[0]) == len(losses[1]) == 4
+    torch.testing.assert_close(losses[1][2:], losses[0][2:], rtol=1e-5, atol=0.0)
+
+
+def test_trainer_save_model_output_becomes_the_same_peft_adapter(tok, tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    q4 = _tiny_4bit(tok)
+    q4_copy = copy.deepcopy(q4)
+    pm = get_peft_model(q4, LoraConfig(**_LORA))
+    before, params = _hash_base(pm), {n: p.detach().clone() for n, p in pm.named_parameters()}
+    trainer = _trainer_run(pm, tok, tmp_path / "run", steps=2)
+    trainer.save_model(str(tmp_path / "final"))
+
+    # What save_model wrote is the whole state dict; loaded strictly into the
+    # same kind of model, save_pretrained turns it into the PEFT adapter.
+    torch.manual_seed(1)
+    fresh = get_peft_model(copy.deepcopy(q4_copy), LoraConfig(**_LORA))
+    fresh.load_state_dict(st.load_file(tmp_path / "final" / "model.safetensors"), strict=True)
+    pm.save_pretrained(tmp_path / "direct")
+    fresh.save_pretrained(tmp_path / "via_trainer")
+    direct = st.load_file(tmp_path / "direct" / "adapter_model.safetensors")
+    via = st.load_file(tmp_path / "via_trainer" / "adapter_model.safetensors")
+    assert direct.keys() == via.keys() and all(torch.equal(direct[k], via[k]) for k in direct)
+    assert (tmp_path / "direct" / "adapter_config.json").read_text() == (
+        tmp_path / "via_trainer" / "adapter_config.json").read_text()
+    _check_and_reload(q4_copy, fresh, tok, before, params, tmp_path / "adapter")
 
 
 @pytest.mark.slow
