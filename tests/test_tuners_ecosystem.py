@@ -4,6 +4,9 @@ Each trainer runs a few steps on a handful of instruction examples; then only
 adapter parameters have changed, the 4-bit base is bit-for-bit the same, and
 the adapter saved with ``save_pretrained`` loads in Hugging Face PEFT (on the
 same model dequantized) with the same logits.
+Checkpoints the trainers write (tied embeddings, as in SmolLM2) resume to the
+same adapter as an uninterrupted run, and ``save_model``'s output and
+``SaveAdapterCallback``'s checkpoint folders give the same PEFT adapter.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def _check_and_reload(q4_copy, peft_model, tok, before_hash, before_params, out_
     assert diff <= 1e-5 * max(1.0, scale)
 
 
-def _trainer_run(model, tok, out_dir, steps=3, batch=2, max_length=64, lr=1e-2, resume=None, **kw):
+def _trainer_run(model, tok, out_dir, steps=3, batch=2, max_length=64, lr=1e-2, resume=None, callbacks=None, **kw):
     encoded = D.encode_all([D.parse_record(r) for r in _records()], tok, "course", max_length=max_length)
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
     pad = D.pad_token_id(tok)
@@ -80,7 +83,7 @@ def _trainer_run(model, tok, out_dir, steps=3, batch=2, max_length=64, lr=1e-2, 
         use_cpu=True, report_to=[], logging_steps=1, disable_tqdm=True, **kw,
     )
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=rows,
+        model=model, args=args, train_dataset=rows, callbacks=callbacks,
         data_collator=lambda b: D.collate([D.Encoded(r["input_ids"], r["labels"]) for r in b], pad),
     )
     result = trainer.train(resume_from_checkpoint=resume)
@@ -130,6 +133,14 @@ def _adapter(pm) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
 
 
+def _assert_same_adapter_files(dir_a, dir_b):
+    from safetensors.torch import load_file
+
+    a, b = load_file(dir_a / "adapter_model.safetensors"), load_file(dir_b / "adapter_model.safetensors")
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (dir_a / "adapter_config.json").read_text() == (dir_b / "adapter_config.json").read_text()
+
+
 def test_a_tied_peft_model_names_the_tied_weight_once_and_loads_its_state_dict_strictly(tok, tmp_path):
     st = pytest.importorskip("safetensors.torch")
     pm = get_peft_model(_tiny_4bit(tok), LoraConfig(**_LORA))
@@ -162,11 +173,26 @@ def test_a_tied_peft_model_names_the_tied_weight_once_and_loads_its_state_dict_s
 
 
 def test_trainer_checkpoints_a_tied_4bit_lora_model_and_resumes_where_it_stopped(tok, tmp_path):
+    from qpeft.tuners.trainer_callback import SaveAdapterCallback
+
     run = dict(steps=4, save_strategy="steps", save_steps=2, seed=0, data_seed=0)
-    pm = get_peft_model(_tiny_4bit(tok), LoraConfig(**_LORA))
-    whole = _trainer_run(pm, tok, tmp_path / "a", **run)
+    q4 = _tiny_4bit(tok)
+    q4_copy = copy.deepcopy(q4)
+    pm = get_peft_model(q4, LoraConfig(**_LORA))
+    whole = _trainer_run(pm, tok, tmp_path / "a", callbacks=[SaveAdapterCallback(pm)], **run)
     assert {p.name for p in (tmp_path / "a").iterdir()} >= {"checkpoint-2", "checkpoint-4"}
     want, want_hash = _adapter(pm), _hash_base(pm)
+
+    # The callback left a PEFT adapter in each checkpoint; the last is the trained one, and PEFT loads it.
+    last = tmp_path / "a" / "checkpoint-4"
+    pm.save_pretrained(tmp_path / "final")
+    _assert_same_adapter_files(last, tmp_path / "final")
+    batch = tok(["Sort the words: pear apple", "What is 2 + 3?"], return_tensors="pt", padding=True)
+    pm.eval()
+    with torch.no_grad():
+        logits = pm(**batch).logits
+        theirs = peft.PeftModel.from_pretrained(dequantize_model(q4_copy), last).eval()(**batch).logits
+    assert (theirs - logits).abs().max() <= 1e-5 * max(1.0, logits.abs().max().item())
 
     # A fresh process would build the model again; another seed gives other LoRA
     # initial weights, so only a working resume can reach the same adapter.
@@ -213,8 +239,9 @@ def test_trainer_save_model_output_becomes_the_same_peft_adapter(tok, tmp_path):
 
 def test_sft_trainer_checkpoints_the_adapted_transformers_model_and_resumes_where_it_stopped(tok, tmp_path):
     # SFTTrainer gets a transformers model, so its save_pretrained writes the
-    # checkpoint (tied weight once, as transformers does); the whole state dict
+    # checkpoint (tied weight once, as transformers does): the whole state dict
     # with 4-bit and LoRA tensors, which only a model adapted the same way loads.
+    # SaveAdapterCallback adds the PEFT adapter.
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     data = datasets.Dataset.from_list(
@@ -222,16 +249,23 @@ def test_sft_trainer_checkpoints_the_adapted_transformers_model_and_resumes_wher
     )
     lora = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
 
-    def run(pm, out_dir, resume=None):
+    def run(pm, out_dir, resume=None, callbacks=None):
         args = trl.SFTConfig(output_dir=str(out_dir), max_steps=4, save_strategy="steps", save_steps=2, seed=0,
                              data_seed=0, per_device_train_batch_size=2, learning_rate=1e-2, use_cpu=True,
                              report_to=[], logging_steps=1, max_length=64, disable_tqdm=True, bf16=False)
-        trainer = trl.SFTTrainer(model=pm.get_base_model(), args=args, train_dataset=data, processing_class=tok)
+        trainer = trl.SFTTrainer(model=pm.get_base_model(), args=args, train_dataset=data, processing_class=tok,
+                                 callbacks=callbacks)
         assert trainer.train(resume_from_checkpoint=resume).global_step == 4
 
+    from qpeft.tuners.trainer_callback import SaveAdapterCallback
+
     pm = get_peft_model(_tiny_4bit(tok), LoraConfig(**lora))
-    run(pm, tmp_path / "a")
+    with pytest.raises(TypeError, match="get_peft_model"):
+        SaveAdapterCallback(pm.get_base_model())
+    run(pm, tmp_path / "a", callbacks=[SaveAdapterCallback(pm)])
     want = _adapter(pm)
+    pm.save_pretrained(tmp_path / "final")
+    _assert_same_adapter_files(tmp_path / "a" / "checkpoint-4", tmp_path / "final")
     q4 = _tiny_4bit(tok)
     torch.manual_seed(1)
     fresh = get_peft_model(q4, LoraConfig(**lora))
