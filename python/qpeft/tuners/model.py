@@ -24,6 +24,7 @@ from .files import DEFAULT_ADAPTER, adapter_dir, read_adapter, write_adapter
 from .lora_model import LoraModel
 from .prompt_config import PREFIX_TUNING, PROMPT_TUNING, P_TUNING
 from .prompt_model import PromptLearningModel
+from .tied import register_tied_hooks
 
 __all__ = ["PeftModel", "get_peft_model"]
 
@@ -45,6 +46,10 @@ class PeftModel(nn.Module):
     Build one with :func:`get_peft_model` or :meth:`from_pretrained`.
     Attribute access falls through to the wrapped model, so ``generate``,
     ``config``, ``get_input_embeddings`` etc. work as on the original.
+
+    ``state_dict()`` names a tied tensor (``lm_head.weight`` tied to
+    ``embed_tokens.weight``) once, under its first name, so that safetensors
+    can write it; ``load_state_dict`` (strict or not) fills the other name in.
     """
 
     def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
@@ -56,6 +61,9 @@ class PeftModel(nn.Module):
         self._trainable = not config.inference_mode
         #: ``{layer: relative error}`` added by the last re-quantizing merge (4-bit bases).
         self.merge_errors: dict[str, float] = {}
+        # transformers' Trainer writes state_dict() with safetensors, which
+        # refuses tied embeddings listed twice (see qpeft.tuners.tied).
+        register_tied_hooks(self)
 
     # ---------------------------------------------------------------- model
 
