@@ -59,6 +59,24 @@ def dequantize_blockwise(
     threads: int,
     offset: float = 0.0,
 ) -> None: ...
+def swiglu_forward(
+    gate: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    up: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    out: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    dtype: _Float,
+    threads: int,
+    isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
+) -> None: ...
+def swiglu_backward(
+    gate: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    up: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    grad: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    d_gate: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    d_up: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    dtype: _Float,
+    threads: int,
+    isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
+) -> None: ...
 def gemv_4bit(
     x: npt.NDArray[np.float32] | npt.NDArray[np.int16],
     dtype: _Float,

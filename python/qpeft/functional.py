@@ -50,6 +50,8 @@ __all__ = [
     "linear_4bit",
     "grad_input_4bit",
     "GEMV_MAX_TOKENS",
+    "swiglu",
+    "swiglu_backward",
     "quantize_blockwise",
     "dequantize_blockwise",
     "cpu_isa",
@@ -936,6 +938,55 @@ def linear_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantState) 
 def grad_input_4bit(grad_out: torch.Tensor, weight: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
     """``grad_out @ W`` for a 4-bit ``W``: the input gradient of :func:`linear_4bit`."""
     return grad_out @ _dense_scratch(weight, quant_state, grad_out.dtype, grad_out.requires_grad)
+
+
+def _swiglu_native(*ts: torch.Tensor) -> bool:
+    """Whether the Rust kernels take these tensors: same shape, dtype and CPU device, floating point."""
+    first = ts[0]
+    return (
+        first.device.type == "cpu"
+        and first.dtype in _FLOAT_DTYPES
+        and all(t.device == first.device and t.dtype == first.dtype and t.shape == first.shape for t in ts)
+    )
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``F.silu(gate) * up`` in one pass over memory (no autograd; see :func:`swiglu_backward`).
+
+    On the CPU (float32, bfloat16, float16; same shape and dtype) a Rust
+    kernel reads each element once and rounds as torch does (the activation
+    to the dtype, then the product), so results agree with torch's to the
+    rounding of ``exp``. Anything else runs the torch expression.
+    """
+    if not _swiglu_native(gate, up):
+        return torch.nn.functional.silu(gate) * up
+    g, u = gate.detach().contiguous(), up.detach().contiguous()
+    out = torch.empty_like(g)
+    name = _FLOAT_DTYPES[g.dtype]
+    _native.swiglu_forward(_np_flat(g), _np_flat(u), _np_flat(out), name, _threads())
+    return out
+
+
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d gate, d up) of ``silu(gate) * up`` for the output gradient ``grad``.
+
+    Computed in float32 and rounded once to the inputs' dtype:
+    ``s = sigmoid(gate)``, ``d_up = grad * gate * s``,
+    ``d_gate = grad * up * s * (1 + gate * (1 - s))``. One pass over memory on
+    the CPU (as :func:`swiglu`); the same arithmetic in torch operations elsewhere.
+    """
+    if not _swiglu_native(gate, up, grad):
+        g = gate.float()
+        s = torch.sigmoid(g)
+        dy = grad.float()
+        d_up = (dy * (g * s)).to(up.dtype)
+        d_gate = (dy * up.float() * (s * (1 + g * (1 - s)))).to(gate.dtype)
+        return d_gate, d_up
+    g, u, dy = (t.detach().contiguous() for t in (gate, up, grad))
+    d_gate, d_up = torch.empty_like(g), torch.empty_like(u)
+    name = _FLOAT_DTYPES[g.dtype]
+    _native.swiglu_backward(_np_flat(g), _np_flat(u), _np_flat(dy), _np_flat(d_gate), _np_flat(d_up), name, _threads())
+    return d_gate, d_up
 
 
 _scratch = threading.local()

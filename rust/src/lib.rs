@@ -23,6 +23,7 @@ pub mod paged_adamw;
 pub mod pages;
 pub mod parallel;
 pub mod scale;
+pub mod swiglu;
 
 #[cfg(feature = "python")]
 mod bindings {
@@ -405,6 +406,104 @@ mod bindings {
         }
     }
 
+    #[pyfunction]
+    #[pyo3(signature = (gate, up, out, dtype, threads, isa=None))]
+    fn swiglu_forward(
+        py: Python<'_>,
+        gate: &Bound<'_, PyAny>,
+        up: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        dtype: &str,
+        threads: usize,
+        isa: Option<&str>,
+    ) -> PyResult<()> {
+        fn go<E: Elem>(py: Python<'_>, isa: Isa, g: &[E], u: &[E], o: &mut [E], threads: usize) -> PyResult<()> {
+            run(py, || crate::swiglu::swiglu_forward(isa, g, u, o, threads))
+        }
+        let isa = parse_isa(isa)?;
+        let (g, u, mut o) = (input(gate, dtype)?, input(up, dtype)?, output(out, dtype)?);
+        match (&g, &u, &mut o) {
+            (In::F32(g), In::F32(u), Out::F32(o)) => go(py, isa, slice(g, "gate")?, slice(u, "up")?, slice_mut(o, "out")?, threads),
+            (In::Bits(g, true), In::Bits(u, true), Out::Bits(o, true)) => go::<Bf16>(
+                py, isa, as_elems(slice(g, "gate")?), as_elems(slice(u, "up")?), as_elems_mut(slice_mut(o, "out")?), threads,
+            ),
+            (In::Bits(g, false), In::Bits(u, false), Out::Bits(o, false)) => go::<F16>(
+                py, isa, as_elems(slice(g, "gate")?), as_elems(slice(u, "up")?), as_elems_mut(slice_mut(o, "out")?), threads,
+            ),
+            // input() and output() read the same dtype name, so the variants pair up.
+            _ => Err(PyTypeError::new_err("gate, up and out must have the same dtype")),
+        }
+    }
+
+    #[pyfunction]
+    #[pyo3(signature = (gate, up, grad, d_gate, d_up, dtype, threads, isa=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu_backward(
+        py: Python<'_>,
+        gate: &Bound<'_, PyAny>,
+        up: &Bound<'_, PyAny>,
+        grad: &Bound<'_, PyAny>,
+        d_gate: &Bound<'_, PyAny>,
+        d_up: &Bound<'_, PyAny>,
+        dtype: &str,
+        threads: usize,
+        isa: Option<&str>,
+    ) -> PyResult<()> {
+        #[allow(clippy::too_many_arguments)]
+        fn go<E: Elem>(
+            py: Python<'_>,
+            isa: Isa,
+            g: &[E],
+            u: &[E],
+            dh: &[E],
+            dg: &mut [E],
+            du: &mut [E],
+            threads: usize,
+        ) -> PyResult<()> {
+            run(py, || crate::swiglu::swiglu_backward(isa, g, u, dh, dg, du, threads))
+        }
+        let isa = parse_isa(isa)?;
+        let (g, u, dh) = (input(gate, dtype)?, input(up, dtype)?, input(grad, dtype)?);
+        let (mut dg, mut du) = (output(d_gate, dtype)?, output(d_up, dtype)?);
+        match (&g, &u, &dh, &mut dg, &mut du) {
+            (In::F32(g), In::F32(u), In::F32(dh), Out::F32(dg), Out::F32(du)) => go(
+                py,
+                isa,
+                slice(g, "gate")?,
+                slice(u, "up")?,
+                slice(dh, "grad")?,
+                slice_mut(dg, "d_gate")?,
+                slice_mut(du, "d_up")?,
+                threads,
+            ),
+            (In::Bits(g, true), In::Bits(u, true), In::Bits(dh, true), Out::Bits(dg, true), Out::Bits(du, true)) => {
+                go::<Bf16>(
+                    py,
+                    isa,
+                    as_elems(slice(g, "gate")?),
+                    as_elems(slice(u, "up")?),
+                    as_elems(slice(dh, "grad")?),
+                    as_elems_mut(slice_mut(dg, "d_gate")?),
+                    as_elems_mut(slice_mut(du, "d_up")?),
+                    threads,
+                )
+            }
+            (In::Bits(g, false), In::Bits(u, false), In::Bits(dh, false), Out::Bits(dg, false), Out::Bits(du, false)) => {
+                go::<F16>(
+                    py,
+                    isa,
+                    as_elems(slice(g, "gate")?),
+                    as_elems(slice(u, "up")?),
+                    as_elems(slice(dh, "grad")?),
+                    as_elems_mut(slice_mut(dg, "d_gate")?),
+                    as_elems_mut(slice_mut(du, "d_up")?),
+                    threads,
+                )
+            }
+            _ => Err(PyTypeError::new_err("gate, up, grad, d_gate and d_up must have the same dtype")),
+        }
+    }
+
     /// p and g of an optimizer step: float32, or bfloat16 as int16 bits.
     enum Param<'py> {
         F32(PyReadwriteArray1<'py, f32>, PyReadonlyArray1<'py, f32>),
@@ -695,6 +794,8 @@ mod bindings {
         m.add_function(wrap_pyfunction!(quantize_blockwise, m)?)?;
         m.add_function(wrap_pyfunction!(dequantize_blockwise, m)?)?;
         m.add_function(wrap_pyfunction!(gemv_4bit, m)?)?;
+        m.add_function(wrap_pyfunction!(swiglu_forward, m)?)?;
+        m.add_function(wrap_pyfunction!(swiglu_backward, m)?)?;
         m.add_function(wrap_pyfunction!(adamw_step, m)?)?;
         m.add_function(wrap_pyfunction!(adamw8_step, m)?)?;
         m.add_class::<PagedState>()?;

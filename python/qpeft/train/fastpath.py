@@ -34,10 +34,10 @@ import types
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import functional
 from .chunked_loss import chunked_lm_loss_sum
 from .heap import release_free_memory
 from .mlp_block import RecomputedMLP, fused_mlp_parts, rmsnorm_grad, swiglu_grad
@@ -84,7 +84,7 @@ class FusedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return functional.swiglu(gate, up)
 
     @staticmethod
     def backward(ctx, dy):

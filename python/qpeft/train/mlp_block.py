@@ -72,13 +72,9 @@ def rmsnorm_grad(x: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, dy:
 
 
 def swiglu_grad(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d gate, d up) of ``silu(gate) * up``, computed in fp32 and returned in their dtypes."""
-    g = gate.float()
-    s = torch.sigmoid(g)
-    dy32 = dy.float()
-    d_up = (dy32 * (g * s)).to(up.dtype)
-    d_gate = (dy32 * up.float() * (s * (1 + g * (1 - s)))).to(gate.dtype)
-    return d_gate, d_up
+    """(d gate, d up) of ``silu(gate) * up``, computed in fp32 and returned in their dtypes
+    (:func:`qpeft.functional.swiglu_backward`: one pass over memory on the CPU)."""
+    return functional.swiglu_backward(gate, up, dy)
 
 
 def _lora_out(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> tuple:
@@ -105,7 +101,7 @@ class RecomputedMLP(torch.autograd.Function):
         for (wq, qs, _, _, s), (A, B) in zip((gate, up), (adapters[0:2], adapters[2:4])):
             y = functional.linear_4bit(n, wq, qs)
             parts.append(addmm_into(y, n @ A.to(dtype).t(), B.to(dtype).t(), s))
-        h = F.silu(parts[0]) * parts[1]
+        h = functional.swiglu(parts[0], parts[1])
         del parts
         wq, qs, _, _, s = down
         A, B = adapters[4:6]
@@ -126,7 +122,7 @@ class RecomputedMLP(torch.autograd.Function):
         Wu = functional.dequantize_4bit(wu, qu).to(dtype)
         g, ag = _lora_out(n, Wg, Ag, Bg, sg)
         u, au = _lora_out(n, Wu, Au, Bu, su)
-        h = F.silu(g) * u  # exactly the forward's down-projection input
+        h = functional.swiglu(g, u)  # exactly the forward's down-projection input
         dy = d_out.to(dtype)
         flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
         # Down projection: LoRA gradients, then the input gradient.

@@ -1,0 +1,147 @@
+"""qpeft.functional.swiglu / swiglu_backward (Rust on the CPU) against torch's operations.
+
+The forward is torch's ``F.silu(gate) * up``; the backward is the float32
+arithmetic of ``swiglu_backward``'s torch fallback, checked here against
+autograd through ``F.silu(gate.float()) * up.float()``. The kernels' ``exp``
+is within an ulp or two of torch's, so float32 results agree to a few ulp
+and 16-bit ones to one step of their rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qpeft.functional as QF
+from qpeft import _native
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# One rounding step of the dtype, relative.
+STEP = {torch.float32: 2.0**-22, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+# One step of the dtype's subnormals (float16's are coarse: 2^-24).
+TINY = {torch.float32: 2.0**-149, torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}
+
+
+def autograd_reference(gate, up, dy):
+    g, u = gate.double().requires_grad_(), up.double().requires_grad_()
+    h = F.silu(g) * u
+    h.backward(dy.double())
+    return h.detach(), g.grad, u.grad
+
+
+def close(got, want, dtype, scale):
+    """|got - want| within one rounding step of the dtype of |want| plus a float32-sized slack of the scale."""
+    err = (got.double() - want).abs()
+    tol = STEP[dtype] * want.abs() + 1e-6 * scale + TINY[dtype]
+    bad = err > tol
+    assert not bad.any(), f"{int(bad.sum())} elements off, worst {float((err - tol).max()):.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 16, 33, 32 * 1024 + 5, 3 * 32 * 1024 + 1])
+def test_forward_and_backward_match_torch(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    gate = (torch.randn(n, generator=g) * 6).to(dtype)
+    up = torch.randn(n, generator=g).to(dtype)
+    dy = torch.randn(n, generator=g).to(dtype)
+    h = QF.swiglu(gate, up)
+    assert h.dtype == dtype and h.shape == gate.shape
+    # The forward is torch's own expression, rounded the same way (silu to the dtype, then the product).
+    torch_h = F.silu(gate) * up
+    if dtype == torch.float32:
+        close(h, torch_h.double(), dtype, (gate.abs() * up.abs()).double())
+    else:
+        assert ((h.float() - torch_h.float()).abs() <= STEP[dtype] * torch_h.float().abs() + 1e-30).all()
+    d_gate, d_up = QF.swiglu_backward(gate, up, dy)
+    _, ref_dg, ref_du = autograd_reference(gate, up, dy)
+    scale = (dy.abs() * (up.abs() + 1) * (gate.abs() + 1)).double()
+    close(d_gate, ref_dg, dtype, scale)
+    close(d_up, ref_du, dtype, scale)
+
+
+def test_matches_the_torch_fallback_exactly_in_bfloat16_on_a_training_shape():
+    # What the trainer's MLP block sees: [batch, tokens, 4d] in bf16.
+    g = torch.Generator().manual_seed(1)
+    gate = (torch.randn(4, 64, 1536, generator=g) * 3).bfloat16()
+    up = torch.randn(4, 64, 1536, generator=g).bfloat16()
+    dy = torch.randn(4, 64, 1536, generator=g).bfloat16()
+    assert torch.equal(QF.swiglu(gate, up), F.silu(gate) * up)
+    s = torch.sigmoid(gate.float())
+    want_du = (dy.float() * (gate.float() * s)).bfloat16()
+    want_dg = (dy.float() * up.float() * (s * (1 + gate.float() * (1 - s)))).bfloat16()
+    d_gate, d_up = QF.swiglu_backward(gate, up, dy)
+    # exp differs from torch's by an ulp, which moves a bf16 rounding now and then.
+    assert (d_up != want_du).float().mean() < 1e-4 and (d_gate != want_dg).float().mean() < 1e-4
+    assert ((d_gate.float() - want_dg.float()).abs() <= 2**-7 * want_dg.float().abs()).all()
+
+
+def test_special_values_follow_torch():
+    special = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.0, -0.0, -100.0, 100.0, 88.0, -88.0, 1e-40])
+    up = torch.ones_like(special)
+    for dtype in (torch.float32, torch.bfloat16):
+        gate = special.to(dtype)
+        got, want = QF.swiglu(gate, up.to(dtype)), F.silu(gate) * up.to(dtype)
+        assert torch.equal(got.isnan(), want.isnan())
+        finite = ~want.isnan()
+        torch.testing.assert_close(got[finite].float(), want[finite].float(), rtol=STEP[dtype], atol=1e-37)
+        d_gate, d_up = QF.swiglu_backward(gate, up.to(dtype), up.to(dtype))
+        fb_dg, fb_du = QF.swiglu_backward(gate.to("meta"), up.to(dtype).to("meta"), up.to(dtype).to("meta"))
+        assert fb_dg.device.type == "meta"  # not the native path: the fallback takes any device
+        assert d_gate[0].isnan() and d_up[0].isnan()
+        torch.testing.assert_close(d_up[3:].float(), (gate[3:].float() * torch.sigmoid(gate[3:].float())).to(dtype).float(),
+                                   rtol=STEP[dtype], atol=1e-37)
+
+
+def test_non_contiguous_and_mixed_inputs():
+    g = torch.Generator().manual_seed(3)
+    gate = torch.randn(64, 48, generator=g)
+    up = torch.randn(48, 64, generator=g).t()  # a transposed view
+    torch.testing.assert_close(QF.swiglu(gate, up), F.silu(gate) * up, rtol=1e-6, atol=1e-7)
+    # Different dtypes or shapes leave the native path; torch broadcasting and promotion apply.
+    mixed = QF.swiglu(gate, up.double())
+    assert mixed.dtype == torch.float64
+    torch.testing.assert_close(QF.swiglu(gate, torch.ones(48)), F.silu(gate))
+
+
+def test_the_native_functions_reject_mismatched_lengths_with_a_message():
+    a, b, out = torch.zeros(8), torch.zeros(7), torch.zeros(8)
+    with pytest.raises(ValueError, match="up has 7 elements, gate has 8"):
+        _native.swiglu_forward(a.numpy(), b.numpy(), out.numpy(), "float32", 1)
+    with pytest.raises(TypeError, match="int16"):
+        _native.swiglu_forward(a.numpy(), a.numpy(), torch.zeros(8, dtype=torch.int16).numpy(), "float32", 1)
+    with pytest.raises(ValueError, match="d_up has 7 elements"):
+        _native.swiglu_backward(a.numpy(), a.numpy(), a.numpy(), a.numpy(), b.numpy(), "float32", 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(0, 5000),
+    spread=st.sampled_from([1e-30, 1e-3, 1.0, 20.0, 1e4]),
+    dtype=st.sampled_from(DTYPES),
+    threads=st.integers(1, 3),
+    isa=st.sampled_from(["scalar", "avx2", "avx512", None]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_any_size_scale_isa_and_thread_count(n, spread, dtype, threads, isa, seed):
+    g = torch.Generator().manual_seed(seed)
+    gate = (torch.randn(n, generator=g) * spread).to(dtype)
+    up = torch.randn(n, generator=g).to(dtype)
+    dy = torch.randn(n, generator=g).to(dtype)
+    name = QF._FLOAT_DTYPES[dtype]
+    h = torch.empty_like(gate)
+    dg, du = torch.empty_like(gate), torch.empty_like(gate)
+    _native.swiglu_forward(QF._np_flat(gate), QF._np_flat(up), QF._np_flat(h), name, threads, isa=isa)
+    _native.swiglu_backward(QF._np_flat(gate), QF._np_flat(up), QF._np_flat(dy), QF._np_flat(dg), QF._np_flat(du),
+                            name, threads, isa=isa)
+    want_h, ref_dg, ref_du = autograd_reference(gate, up, dy)
+    # The forward rounds the activation before the product: one more step of slack for 16-bit types.
+    step = 1 if dtype == torch.float32 else 2
+    err = (h.double() - want_h).abs()
+    tol = step * STEP[dtype] * want_h.abs() + 1e-6 * (gate.double().abs() * up.double().abs()) + step * TINY[dtype]
+    assert (err <= tol).all()
+    scale = (dy.abs() * (up.abs() + 1) * (gate.abs() + 1)).double()
+    close(dg, ref_dg, dtype, scale)
+    close(du, ref_du, dtype, scale)
