@@ -16,7 +16,7 @@
 //!
 //! where `round` is the rounding to the tensors' dtype (none for float32).
 
-use rayon::prelude::*;
+use std::sync::Mutex;
 
 use crate::cpu::{self, Isa};
 use crate::elem::Elem;
@@ -156,14 +156,11 @@ fn same_len(n: usize, lens: &[(usize, &str)]) -> Result<()> {
 pub fn swiglu_forward<E: Elem>(isa: Isa, g: &[E], u: &[E], h: &mut [E], threads: usize) -> Result<()> {
     same_len(g.len(), &[(u.len(), "up"), (h.len(), "output")])?;
     let isa = cpu::usable(isa);
-    if threads <= 1 || g.len() <= TASK {
-        forward_isa(isa, g, u, h);
-        return Ok(());
-    }
-    parallel::pool(threads).install(|| {
-        h.par_chunks_mut(TASK)
-            .zip(g.par_chunks(TASK).zip(u.par_chunks(TASK)))
-            .for_each(|(h, (g, u))| forward_isa(isa, g, u, h));
+    let outs: Vec<Mutex<&mut [E]>> = h.chunks_mut(TASK).map(Mutex::new).collect();
+    parallel::run_tasks(threads, outs.len(), &|i| {
+        let mut h = outs[i].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let r = i * TASK..i * TASK + h.len();
+        forward_isa(isa, &g[r.clone()], &u[r], &mut h);
     });
     Ok(())
 }
@@ -182,15 +179,12 @@ pub fn swiglu_backward<E: Elem>(
     let n = g.len();
     same_len(n, &[(u.len(), "up"), (dh.len(), "the output gradient"), (dg.len(), "d_gate"), (du.len(), "d_up")])?;
     let isa = cpu::usable(isa);
-    if threads <= 1 || n <= TASK {
-        backward_isa(isa, g, u, dh, dg, du);
-        return Ok(());
-    }
-    parallel::pool(threads).install(|| {
-        dg.par_chunks_mut(TASK)
-            .zip(du.par_chunks_mut(TASK))
-            .zip(g.par_chunks(TASK).zip(u.par_chunks(TASK)).zip(dh.par_chunks(TASK)))
-            .for_each(|((dg, du), ((g, u), dh))| backward_isa(isa, g, u, dh, dg, du));
+    let outs: Vec<Mutex<(&mut [E], &mut [E])>> = dg.chunks_mut(TASK).zip(du.chunks_mut(TASK)).map(Mutex::new).collect();
+    parallel::run_tasks(threads, outs.len(), &|i| {
+        let mut guard = outs[i].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (dg, du) = &mut *guard;
+        let r = i * TASK..i * TASK + dg.len();
+        backward_isa(isa, &g[r.clone()], &u[r.clone()], &dh[r], dg, du);
     });
     Ok(())
 }
