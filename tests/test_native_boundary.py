@@ -166,6 +166,46 @@ def adamw8_cases():
     yield "qm int8", {**ok, "qm": np.zeros(n, np.int8)}, TypeError
 
 
+def swiglu_forward_cases():
+    n = 300
+    ok = dict(gate=f32(n), up=f32(n, 1), out=np.zeros(n, np.float32), dtype="float32", threads=1)
+    yield "ok", ok, None
+    yield "short up", {**ok, "up": f32(n - 1)}, ValueError
+    yield "long out", {**ok, "out": np.zeros(n + 1, np.float32)}, ValueError
+    yield "out is gate", {**ok, "out": ok["gate"]}, BAD
+    yield "gate strided", {**ok, "gate": f32(2 * n)[::2]}, ValueError
+    yield "gate misaligned", {**ok, "gate": misaligned_f32(n)}, ValueError
+    yield "bf16 bits with f32 out", {**ok, "gate": np.zeros(n, np.int16), "up": np.zeros(n, np.int16),
+                                     "dtype": "bfloat16"}, TypeError
+    yield "dtype unknown", {**ok, "dtype": "float64"}, TypeError
+    yield "isa", {**ok, "isa": "sse9"}, ValueError
+
+
+def swiglu_backward_cases():
+    n = 300
+    ok = dict(gate=f32(n), up=f32(n, 1), grad=f32(n, 2), d_gate=np.zeros(n, np.float32),
+              d_up=np.zeros(n, np.float32), dtype="float32", threads=1)
+    yield "ok", ok, None
+    yield "short grad", {**ok, "grad": f32(n - 1)}, ValueError
+    yield "short d_up", {**ok, "d_up": np.zeros(n - 1, np.float32)}, ValueError
+    yield "d_gate is d_up", {**ok, "d_up": ok["d_gate"]}, BAD
+    yield "d_up read-only", {**ok, "d_up": read_only(np.zeros(n, np.float32))}, BAD
+    yield "grad float64", {**ok, "grad": f32(n).astype(np.float64)}, TypeError
+
+
+def rmsnorm_backward_cases():
+    rows, d = 5, 24
+    ok = dict(x=f32(rows * d), scale=np.ones(rows, np.float32), weight=np.ones(d, np.float32),
+              grad=f32(rows * d, 1), out=np.zeros(rows * d, np.float32), dtype="float32", threads=1)
+    yield "ok", ok, None
+    yield "one scale too many", {**ok, "scale": np.ones(rows + 1, np.float32)}, ValueError
+    yield "weight of another width", {**ok, "weight": np.ones(d - 1, np.float32)}, ValueError
+    yield "empty weight", {**ok, "weight": np.ones(0, np.float32)}, ValueError
+    yield "out is x", {**ok, "out": ok["x"]}, BAD
+    yield "scale float64", {**ok, "scale": np.ones(rows, np.float64)}, TypeError
+    yield "x 2-D", {**ok, "x": f32(rows * d).reshape(rows, d)}, TypeError
+
+
 CASES = [
     (fn, name, kwargs, exc)
     for fn, gen in [
@@ -176,6 +216,9 @@ CASES = [
         (_native.dequantize_blockwise, dequantize_blockwise_cases),
         (_native.adamw_step, adamw_cases),
         (_native.adamw8_step, adamw8_cases),
+        (_native.swiglu_forward, swiglu_forward_cases),
+        (_native.swiglu_backward, swiglu_backward_cases),
+        (_native.rmsnorm_backward, rmsnorm_backward_cases),
     ]
     for name, kwargs, exc in gen()
 ]

@@ -77,6 +77,16 @@ def swiglu_backward(
     threads: int,
     isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
 ) -> None: ...
+def rmsnorm_backward(
+    x: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    scale: npt.NDArray[np.float32],
+    weight: npt.NDArray[np.float32],
+    grad: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    out: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    dtype: _Float,
+    threads: int,
+    isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
+) -> None: ...
 def gemv_4bit(
     x: npt.NDArray[np.float32] | npt.NDArray[np.int16],
     dtype: _Float,

@@ -52,6 +52,7 @@ __all__ = [
     "GEMV_MAX_TOKENS",
     "swiglu",
     "swiglu_backward",
+    "rmsnorm_backward",
     "quantize_blockwise",
     "dequantize_blockwise",
     "cpu_isa",
@@ -987,6 +988,36 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) ->
     name = _FLOAT_DTYPES[g.dtype]
     _native.swiglu_backward(_np_flat(g), _np_flat(u), _np_flat(dy), _np_flat(d_gate), _np_flat(d_up), name, _threads())
     return d_gate, d_up
+
+
+def rmsnorm_backward(x: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Input gradient of the RMSNorm ``weight * (x * scale)``, ``scale = rsqrt(mean(x^2) + eps)``.
+
+    ``x`` and ``grad`` are ``[..., d]``, ``scale`` the forward's float32
+    ``[..., 1]`` and ``weight`` ``[d]`` (frozen: no gradient for it here).
+    Returns ``scale * (grad * weight - xh * mean(grad * weight * xh))`` with
+    ``xh = x * scale``, computed in float32 and rounded once to ``x``'s dtype
+    (one pass per row in a Rust kernel on the CPU; torch operations elsewhere).
+    """
+    d = x.shape[-1]
+    native = (
+        _swiglu_native(x, grad)
+        and scale.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and weight.numel() == d
+        and scale.numel() * d == x.numel()
+    )
+    if not native:
+        xh = x.float() * scale
+        dyw = grad.float() * weight.float()
+        return (scale * (dyw - xh * (dyw * xh).mean(-1, keepdim=True))).to(x.dtype)
+    xc, dy = x.detach().contiguous(), grad.detach().contiguous()
+    s = scale.detach().float().contiguous()
+    w = weight.detach().float().contiguous()
+    out = torch.empty_like(xc)
+    _native.rmsnorm_backward(_np_flat(xc), s.numpy().reshape(-1), w.numpy().reshape(-1), _np_flat(dy), _np_flat(out),
+                             _FLOAT_DTYPES[xc.dtype], _threads())
+    return out
 
 
 _scratch = threading.local()

@@ -22,6 +22,7 @@ pub mod nf4;
 pub mod paged_adamw;
 pub mod pages;
 pub mod parallel;
+pub mod rmsnorm;
 pub mod scale;
 pub mod swiglu;
 
@@ -504,6 +505,64 @@ mod bindings {
         }
     }
 
+    #[pyfunction]
+    #[pyo3(signature = (x, scale, weight, grad, out, dtype, threads, isa=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        py: Python<'_>,
+        x: &Bound<'_, PyAny>,
+        scale: PyReadonlyArray1<'_, f32>,
+        weight: PyReadonlyArray1<'_, f32>,
+        grad: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        dtype: &str,
+        threads: usize,
+        isa: Option<&str>,
+    ) -> PyResult<()> {
+        #[allow(clippy::too_many_arguments)]
+        fn go<E: Elem>(
+            py: Python<'_>,
+            isa: Isa,
+            x: &[E],
+            s: &[f32],
+            w: &[f32],
+            dy: &[E],
+            dx: &mut [E],
+            threads: usize,
+        ) -> PyResult<()> {
+            run(py, || crate::rmsnorm::rmsnorm_backward(isa, x, s, w, dy, dx, threads))
+        }
+        let isa = parse_isa(isa)?;
+        let (s, w) = (slice(&scale, "scale")?, slice(&weight, "weight")?);
+        let (xi, dyi, mut o) = (input(x, dtype)?, input(grad, dtype)?, output(out, dtype)?);
+        match (&xi, &dyi, &mut o) {
+            (In::F32(x), In::F32(dy), Out::F32(o)) => {
+                go(py, isa, slice(x, "x")?, s, w, slice(dy, "grad")?, slice_mut(o, "out")?, threads)
+            }
+            (In::Bits(x, true), In::Bits(dy, true), Out::Bits(o, true)) => go::<Bf16>(
+                py,
+                isa,
+                as_elems(slice(x, "x")?),
+                s,
+                w,
+                as_elems(slice(dy, "grad")?),
+                as_elems_mut(slice_mut(o, "out")?),
+                threads,
+            ),
+            (In::Bits(x, false), In::Bits(dy, false), Out::Bits(o, false)) => go::<F16>(
+                py,
+                isa,
+                as_elems(slice(x, "x")?),
+                s,
+                w,
+                as_elems(slice(dy, "grad")?),
+                as_elems_mut(slice_mut(o, "out")?),
+                threads,
+            ),
+            _ => Err(PyTypeError::new_err("x, grad and out must have the same dtype")),
+        }
+    }
+
     /// p and g of an optimizer step: float32, or bfloat16 as int16 bits.
     enum Param<'py> {
         F32(PyReadwriteArray1<'py, f32>, PyReadonlyArray1<'py, f32>),
@@ -796,6 +855,7 @@ mod bindings {
         m.add_function(wrap_pyfunction!(gemv_4bit, m)?)?;
         m.add_function(wrap_pyfunction!(swiglu_forward, m)?)?;
         m.add_function(wrap_pyfunction!(swiglu_backward, m)?)?;
+        m.add_function(wrap_pyfunction!(rmsnorm_backward, m)?)?;
         m.add_function(wrap_pyfunction!(adamw_step, m)?)?;
         m.add_function(wrap_pyfunction!(adamw8_step, m)?)?;
         m.add_class::<PagedState>()?;

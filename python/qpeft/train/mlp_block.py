@@ -65,10 +65,9 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tens
 
 
 def rmsnorm_grad(x: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """fp32 input gradient of ``weight * (x * scale)`` with ``scale = rsqrt(mean(x^2) + eps)``."""
-    xh = x.float() * scale
-    dyw = dy.float() * weight.float()
-    return scale * (dyw - xh * (dyw * xh).mean(-1, keepdim=True))
+    """Input gradient (in x's dtype, computed in fp32) of ``weight * (x * scale)`` with
+    ``scale = rsqrt(mean(x^2) + eps)`` (:func:`qpeft.functional.rmsnorm_backward`)."""
+    return functional.rmsnorm_backward(x, scale, weight, dy)
 
 
 def swiglu_grad(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +100,7 @@ class RecomputedMLP(torch.autograd.Function):
         for (wq, qs, _, _, s), (A, B) in zip((gate, up), (adapters[0:2], adapters[2:4])):
             y = functional.linear_4bit(n, wq, qs)
             parts.append(addmm_into(y, n @ A.to(dtype).t(), B.to(dtype).t(), s))
-        h = functional.swiglu(parts[0], parts[1])
+        h = F.silu(parts[0]) * parts[1]
         del parts
         wq, qs, _, _, s = down
         A, B = adapters[4:6]
@@ -122,7 +121,7 @@ class RecomputedMLP(torch.autograd.Function):
         Wu = functional.dequantize_4bit(wu, qu).to(dtype)
         g, ag = _lora_out(n, Wg, Ag, Bg, sg)
         u, au = _lora_out(n, Wu, Au, Bu, su)
-        h = functional.swiglu(g, u)  # exactly the forward's down-projection input
+        h = F.silu(g) * u  # exactly the forward's down-projection input
         dy = d_out.to(dtype)
         flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
         # Down projection: LoRA gradients, then the input gradient.

@@ -1,4 +1,5 @@
-"""qpeft.functional.swiglu / swiglu_backward (Rust on the CPU) against torch's operations.
+"""The fast path's elementwise kernels (Rust on the CPU) against torch's operations:
+qpeft.functional.swiglu / swiglu_backward and rmsnorm_backward.
 
 The forward is torch's ``F.silu(gate) * up``; the backward is the float32
 arithmetic of ``swiglu_backward``'s torch fallback, checked here against
@@ -32,11 +33,20 @@ def autograd_reference(gate, up, dy):
     return h.detach(), g.grad, u.grad
 
 
+def in_range(got, want, dtype):
+    """Elements whose exact value the dtype can hold; beyond its largest value the result must be
+    the infinity of the right sign (as torch's own operations give in float16)."""
+    top = torch.finfo(dtype).max
+    over = want.abs() > 1.01 * top
+    assert (got[over].isinf() & (got[over].sign() == want[over].sign())).all(), "overflow must give inf"
+    return want.abs() <= 0.99 * top
+
+
 def close(got, want, dtype, scale):
     """|got - want| within one rounding step of the dtype of |want| plus a float32-sized slack of the scale."""
     err = (got.double() - want).abs()
     tol = STEP[dtype] * want.abs() + 1e-6 * scale + TINY[dtype]
-    bad = err > tol
+    bad = (err > tol) & in_range(got, want, dtype)
     assert not bad.any(), f"{int(bad.sum())} elements off, worst {float((err - tol).max()):.3g}"
 
 
@@ -141,7 +151,79 @@ def test_property_any_size_scale_isa_and_thread_count(n, spread, dtype, threads,
     step = 1 if dtype == torch.float32 else 2
     err = (h.double() - want_h).abs()
     tol = step * STEP[dtype] * want_h.abs() + 1e-6 * (gate.double().abs() * up.double().abs()) + step * TINY[dtype]
-    assert (err <= tol).all()
+    assert ((err <= tol) | ~in_range(h, want_h, dtype)).all()
     scale = (dy.abs() * (up.abs() + 1) * (gate.abs() + 1)).double()
     close(dg, ref_dg, dtype, scale)
     close(du, ref_du, dtype, scale)
+
+
+# ------------------------------------------------------------------ RMSNorm
+
+
+def rmsnorm_reference(x, weight, dy, eps):
+    """float64 autograd of transformers' RMSNorm with a frozen weight: (scale as float32, dx)."""
+    x64 = x.double().requires_grad_()
+    scale = torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    (weight.double() * (x64 * scale)).backward(dy.double())
+    return scale.detach().float(), x64.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 13), (4, 64, 576), (9000, 8)])
+def test_rmsnorm_backward_matches_autograd(dtype, shape):
+    g = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(dtype)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    scale, want = rmsnorm_reference(x, w, dy, 1e-5)
+    got = QF.rmsnorm_backward(x, scale, w, dy)
+    assert got.dtype == dtype and got.shape == x.shape
+    # The float32 sums differ from float64 by a few ulp of the row's largest term.
+    mag = want.abs().amax(-1, keepdim=True) + scale.double()
+    err = (got.double() - want).abs()
+    assert (err <= STEP[dtype] * want.abs() + 1e-5 * mag + TINY[dtype]).all()
+
+
+def test_rmsnorm_backward_falls_back_for_mixed_dtypes_and_other_devices():
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    dy = torch.randn(3, 16)  # float32 gradient for a bf16 input: torch's arithmetic
+    w = torch.rand(16) + 0.5
+    scale, want = rmsnorm_reference(x, w, dy, 1e-6)
+    got = QF.rmsnorm_backward(x, scale, w, dy)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=2**-7, atol=1e-5)
+    meta = QF.rmsnorm_backward(x.to("meta"), scale.to("meta"), w.to("meta"), dy.to("meta"))
+    assert meta.device.type == "meta" and meta.shape == x.shape
+
+
+def test_rmsnorm_backward_native_boundary_rejects_inconsistent_shapes():
+    x, out = torch.zeros(12), torch.zeros(12)
+    with pytest.raises(ValueError, match="output gradient has 10 elements"):
+        _native.rmsnorm_backward(x.numpy(), torch.ones(3).numpy(), torch.ones(4).numpy(), torch.zeros(10).numpy(),
+                                 out.numpy(), "float32", 1)
+    with pytest.raises(ValueError, match="weight is empty"):
+        _native.rmsnorm_backward(x.numpy(), torch.ones(3).numpy(), torch.ones(0).numpy(), x.numpy(), out.numpy(),
+                                 "float32", 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(0, 300),
+    d=st.integers(1, 300),
+    spread=st.sampled_from([1e-20, 1e-3, 1.0, 1e3]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    threads=st.integers(1, 3),
+    isa=st.sampled_from(["scalar", "avx2", "avx512", None]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_rmsnorm_backward_any_shape(rows, d, spread, dtype, threads, isa, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, d, generator=g) * spread).to(dtype)
+    w = (torch.rand(d, generator=g) + 0.5).to(dtype)
+    dy = torch.randn(rows, d, generator=g).to(dtype)
+    scale, want = rmsnorm_reference(x, w, dy, 1e-6)
+    out = torch.empty_like(x)
+    _native.rmsnorm_backward(QF._np_flat(x), scale.reshape(-1).numpy(), w.float().numpy(), QF._np_flat(dy),
+                             QF._np_flat(out), QF._FLOAT_DTYPES[dtype], threads, isa=isa)
+    mag = (want.abs().amax(-1, keepdim=True) + scale.double()) if rows else 0
+    assert ((out.double() - want).abs() <= STEP[dtype] * want.abs() + 1e-5 * mag + TINY[dtype]).all()
