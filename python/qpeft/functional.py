@@ -941,8 +941,9 @@ def grad_input_4bit(grad_out: torch.Tensor, weight: torch.Tensor, quant_state: Q
     return grad_out @ _dense_scratch(weight, quant_state, grad_out.dtype, grad_out.requires_grad)
 
 
-def _swiglu_native(*ts: torch.Tensor) -> bool:
-    """Whether the Rust kernels take these tensors: same shape, dtype and CPU device, floating point."""
+def _elementwise_native(*ts: torch.Tensor) -> bool:
+    """Whether the Rust elementwise kernels (SwiGLU, RMSNorm) take these tensors:
+    same shape, dtype and CPU device, floating point."""
     first = ts[0]
     return (
         first.device.type == "cpu"
@@ -959,7 +960,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     to the dtype, then the product), so results agree with torch's to the
     rounding of ``exp``. Anything else runs the torch expression.
     """
-    if not _swiglu_native(gate, up):
+    if not _elementwise_native(gate, up):
         return torch.nn.functional.silu(gate) * up
     g, u = gate.detach().contiguous(), up.detach().contiguous()
     out = torch.empty_like(g)
@@ -976,7 +977,7 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) ->
     ``d_gate = grad * up * s * (1 + gate * (1 - s))``. One pass over memory on
     the CPU (as :func:`swiglu`); the same arithmetic in torch operations elsewhere.
     """
-    if not _swiglu_native(gate, up, grad):
+    if not _elementwise_native(gate, up, grad):
         g = gate.float()
         s = torch.sigmoid(g)
         dy = grad.float()
@@ -1001,7 +1002,7 @@ def rmsnorm_backward(x: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
     """
     d = x.shape[-1]
     native = (
-        _swiglu_native(x, grad)
+        _elementwise_native(x, grad)
         and scale.device.type == "cpu"
         and weight.device.type == "cpu"
         and weight.numel() == d

@@ -38,9 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import functional
 from .chunked_loss import chunked_lm_loss_sum
 from .heap import release_free_memory
-from .mlp_block import RecomputedMLP, fused_mlp_parts, rmsnorm_grad, swiglu_grad
+from .mlp_block import RecomputedMLP, fused_mlp_parts
 
 __all__ = ["FusedRMSNorm", "FusedSwiGLU", "enable_fast_path", "lm_loss_sum", "lm_parts"]
 
@@ -70,12 +71,12 @@ class FusedRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, scale = ctx.saved_tensors
-        dx = rmsnorm_grad(x, scale, weight, dy)
+        dx = functional.rmsnorm_backward(x, scale, weight, dy)
         dw = None
         if ctx.needs_input_grad[1]:
             xh = (x.float() * scale).to(x.dtype).float()
             dw = (dy.float() * xh).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        return dx.to(x.dtype), dw, None
+        return dx, dw, None
 
 
 class FusedSwiGLU(torch.autograd.Function):
@@ -96,7 +97,7 @@ class FusedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        return swiglu_grad(gate, up, dy)
+        return functional.swiglu_backward(gate, up, dy)
 
 
 def _rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

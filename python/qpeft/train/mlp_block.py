@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .. import functional
 from ..tuners.lora_autograd import addmm_into
 
-__all__ = ["RecomputedMLP", "fused_mlp_parts", "rmsnorm_grad", "swiglu_grad"]
+__all__ = ["RecomputedMLP", "fused_mlp_parts"]
 
 
 def _lora_parts(layer: Any) -> Optional[tuple]:
@@ -62,18 +62,6 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tens
     x32 = x.float()
     scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * (x32 * scale).to(x.dtype), scale
-
-
-def rmsnorm_grad(x: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """Input gradient (in x's dtype, computed in fp32) of ``weight * (x * scale)`` with
-    ``scale = rsqrt(mean(x^2) + eps)`` (:func:`qpeft.functional.rmsnorm_backward`)."""
-    return functional.rmsnorm_backward(x, scale, weight, dy)
-
-
-def swiglu_grad(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d gate, d up) of ``silu(gate) * up``, computed in fp32 and returned in their dtypes
-    (:func:`qpeft.functional.swiglu_backward`: one pass over memory on the CPU)."""
-    return functional.swiglu_backward(gate, up, dy)
 
 
 def _lora_out(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> tuple:
@@ -132,7 +120,7 @@ class RecomputedMLP(torch.autograd.Function):
         grads[4] = (flat(td).t() @ flat(h)).to(Ad.dtype)
         dh = addmm_into(functional.grad_input_4bit(dy, wd, qd), td, Ad.to(dtype))
         del h, ad, td
-        dg, du = swiglu_grad(g, u, dh)
+        dg, du = functional.swiglu_backward(g, u, dh)
         del dh, g, u
         dn = None
         for dyk, ak, W, A, B, s, i in ((dg, ag, Wg, Ag, Bg, sg, 0), (du, au, Wu, Au, Bu, su, 2)):
@@ -142,5 +130,5 @@ class RecomputedMLP(torch.autograd.Function):
             dn = dyk @ W if dn is None else addmm_into(dn, dyk, W)
             addmm_into(dn, t, A.to(dtype))
         # The norm's weight is frozen here (fused_mlp_parts checks).
-        dx = rmsnorm_grad(x, scale, norm_w, dn)
+        dx = functional.rmsnorm_backward(x, scale, norm_w, dn)
         return (dx.to(ctx.x_dtype), None, None, None, None, None, None, *grads)
