@@ -407,6 +407,54 @@ mod bindings {
         }
     }
 
+    /// An element type as NumPy holds it: float32 as is, 16-bit floats as int16 bits.
+    trait FromNumpy: Elem {
+        type Raw: numpy::Element;
+    }
+    impl FromNumpy for f32 {
+        type Raw = f32;
+    }
+    impl FromNumpy for Bf16 {
+        type Raw = i16;
+    }
+    impl FromNumpy for F16 {
+        type Raw = i16;
+    }
+
+    fn read<'py, E: FromNumpy>(x: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArray1<'py, E::Raw>> {
+        x.extract()
+    }
+
+    fn write<'py, E: FromNumpy>(x: &Bound<'py, PyAny>) -> PyResult<PyReadwriteArray1<'py, E::Raw>> {
+        x.extract()
+    }
+
+    fn elems<'a, E: FromNumpy>(a: &'a PyReadonlyArray1<'_, E::Raw>, what: &str) -> PyResult<&'a [E]> {
+        let s = slice(a, what)?;
+        // SAFETY: E is f32 over f32, or a repr(transparent) u16 over i16: same size and alignment.
+        Ok(unsafe { std::slice::from_raw_parts(s.as_ptr() as *const E, s.len()) })
+    }
+
+    fn elems_mut<'a, E: FromNumpy>(a: &'a mut PyReadwriteArray1<'_, E::Raw>, what: &str) -> PyResult<&'a mut [E]> {
+        let s = slice_mut(a, what)?;
+        // SAFETY: as in `elems`; the borrow is unique.
+        Ok(unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut E, s.len()) })
+    }
+
+    /// `$go::<E>(args)` for the element type E that the dtype name gives.
+    macro_rules! by_dtype {
+        ($dtype:expr, $go:ident($($arg:expr),*)) => {
+            match $dtype {
+                "float32" => $go::<f32>($($arg),*),
+                "bfloat16" => $go::<Bf16>($($arg),*),
+                "float16" => $go::<F16>($($arg),*),
+                other => Err(PyTypeError::new_err(format!(
+                    "dtype must be float32, float16 or bfloat16, got {other}"
+                ))),
+            }
+        };
+    }
+
     #[pyfunction]
     #[pyo3(signature = (gate, up, out, dtype, threads, isa=None))]
     fn swiglu_forward(
@@ -418,22 +466,14 @@ mod bindings {
         threads: usize,
         isa: Option<&str>,
     ) -> PyResult<()> {
-        fn go<E: Elem>(py: Python<'_>, isa: Isa, g: &[E], u: &[E], o: &mut [E], threads: usize) -> PyResult<()> {
+        type A<'a, 'py> = &'a Bound<'py, PyAny>;
+        fn go<E: FromNumpy>(py: Python<'_>, isa: Isa, gate: A, up: A, out: A, threads: usize) -> PyResult<()> {
+            let (g, u, mut o) = (read::<E>(gate)?, read::<E>(up)?, write::<E>(out)?);
+            let (g, u, o) = (elems::<E>(&g, "gate")?, elems::<E>(&u, "up")?, elems_mut::<E>(&mut o, "out")?);
             run(py, || crate::swiglu::swiglu_forward(isa, g, u, o, threads))
         }
         let isa = parse_isa(isa)?;
-        let (g, u, mut o) = (input(gate, dtype)?, input(up, dtype)?, output(out, dtype)?);
-        match (&g, &u, &mut o) {
-            (In::F32(g), In::F32(u), Out::F32(o)) => go(py, isa, slice(g, "gate")?, slice(u, "up")?, slice_mut(o, "out")?, threads),
-            (In::Bits(g, true), In::Bits(u, true), Out::Bits(o, true)) => go::<Bf16>(
-                py, isa, as_elems(slice(g, "gate")?), as_elems(slice(u, "up")?), as_elems_mut(slice_mut(o, "out")?), threads,
-            ),
-            (In::Bits(g, false), In::Bits(u, false), Out::Bits(o, false)) => go::<F16>(
-                py, isa, as_elems(slice(g, "gate")?), as_elems(slice(u, "up")?), as_elems_mut(slice_mut(o, "out")?), threads,
-            ),
-            // input() and output() read the same dtype name, so the variants pair up.
-            _ => Err(PyTypeError::new_err("gate, up and out must have the same dtype")),
-        }
+        by_dtype!(dtype, go(py, isa, gate, up, out, threads))
     }
 
     #[pyfunction]
@@ -450,59 +490,17 @@ mod bindings {
         threads: usize,
         isa: Option<&str>,
     ) -> PyResult<()> {
+        type A<'a, 'py> = &'a Bound<'py, PyAny>;
         #[allow(clippy::too_many_arguments)]
-        fn go<E: Elem>(
-            py: Python<'_>,
-            isa: Isa,
-            g: &[E],
-            u: &[E],
-            dh: &[E],
-            dg: &mut [E],
-            du: &mut [E],
-            threads: usize,
-        ) -> PyResult<()> {
+        fn go<E: FromNumpy>(py: Python<'_>, isa: Isa, gate: A, up: A, grad: A, d_gate: A, d_up: A, threads: usize) -> PyResult<()> {
+            let (g, u, dh) = (read::<E>(gate)?, read::<E>(up)?, read::<E>(grad)?);
+            let (mut dg, mut du) = (write::<E>(d_gate)?, write::<E>(d_up)?);
+            let (g, u, dh) = (elems::<E>(&g, "gate")?, elems::<E>(&u, "up")?, elems::<E>(&dh, "grad")?);
+            let (dg, du) = (elems_mut::<E>(&mut dg, "d_gate")?, elems_mut::<E>(&mut du, "d_up")?);
             run(py, || crate::swiglu::swiglu_backward(isa, g, u, dh, dg, du, threads))
         }
         let isa = parse_isa(isa)?;
-        let (g, u, dh) = (input(gate, dtype)?, input(up, dtype)?, input(grad, dtype)?);
-        let (mut dg, mut du) = (output(d_gate, dtype)?, output(d_up, dtype)?);
-        match (&g, &u, &dh, &mut dg, &mut du) {
-            (In::F32(g), In::F32(u), In::F32(dh), Out::F32(dg), Out::F32(du)) => go(
-                py,
-                isa,
-                slice(g, "gate")?,
-                slice(u, "up")?,
-                slice(dh, "grad")?,
-                slice_mut(dg, "d_gate")?,
-                slice_mut(du, "d_up")?,
-                threads,
-            ),
-            (In::Bits(g, true), In::Bits(u, true), In::Bits(dh, true), Out::Bits(dg, true), Out::Bits(du, true)) => {
-                go::<Bf16>(
-                    py,
-                    isa,
-                    as_elems(slice(g, "gate")?),
-                    as_elems(slice(u, "up")?),
-                    as_elems(slice(dh, "grad")?),
-                    as_elems_mut(slice_mut(dg, "d_gate")?),
-                    as_elems_mut(slice_mut(du, "d_up")?),
-                    threads,
-                )
-            }
-            (In::Bits(g, false), In::Bits(u, false), In::Bits(dh, false), Out::Bits(dg, false), Out::Bits(du, false)) => {
-                go::<F16>(
-                    py,
-                    isa,
-                    as_elems(slice(g, "gate")?),
-                    as_elems(slice(u, "up")?),
-                    as_elems(slice(dh, "grad")?),
-                    as_elems_mut(slice_mut(dg, "d_gate")?),
-                    as_elems_mut(slice_mut(du, "d_up")?),
-                    threads,
-                )
-            }
-            _ => Err(PyTypeError::new_err("gate, up, grad, d_gate and d_up must have the same dtype")),
-        }
+        by_dtype!(dtype, go(py, isa, gate, up, grad, d_gate, d_up, threads))
     }
 
     #[pyfunction]
@@ -519,48 +517,16 @@ mod bindings {
         threads: usize,
         isa: Option<&str>,
     ) -> PyResult<()> {
+        type A<'a, 'py> = &'a Bound<'py, PyAny>;
         #[allow(clippy::too_many_arguments)]
-        fn go<E: Elem>(
-            py: Python<'_>,
-            isa: Isa,
-            x: &[E],
-            s: &[f32],
-            w: &[f32],
-            dy: &[E],
-            dx: &mut [E],
-            threads: usize,
-        ) -> PyResult<()> {
-            run(py, || crate::rmsnorm::rmsnorm_backward(isa, x, s, w, dy, dx, threads))
+        fn go<E: FromNumpy>(py: Python<'_>, isa: Isa, x: A, s: &[f32], w: &[f32], grad: A, out: A, threads: usize) -> PyResult<()> {
+            let (xa, dya, mut oa) = (read::<E>(x)?, read::<E>(grad)?, write::<E>(out)?);
+            let (x, dy, o) = (elems::<E>(&xa, "x")?, elems::<E>(&dya, "grad")?, elems_mut::<E>(&mut oa, "out")?);
+            run(py, || crate::rmsnorm::rmsnorm_backward(isa, x, s, w, dy, o, threads))
         }
         let isa = parse_isa(isa)?;
         let (s, w) = (slice(&scale, "scale")?, slice(&weight, "weight")?);
-        let (xi, dyi, mut o) = (input(x, dtype)?, input(grad, dtype)?, output(out, dtype)?);
-        match (&xi, &dyi, &mut o) {
-            (In::F32(x), In::F32(dy), Out::F32(o)) => {
-                go(py, isa, slice(x, "x")?, s, w, slice(dy, "grad")?, slice_mut(o, "out")?, threads)
-            }
-            (In::Bits(x, true), In::Bits(dy, true), Out::Bits(o, true)) => go::<Bf16>(
-                py,
-                isa,
-                as_elems(slice(x, "x")?),
-                s,
-                w,
-                as_elems(slice(dy, "grad")?),
-                as_elems_mut(slice_mut(o, "out")?),
-                threads,
-            ),
-            (In::Bits(x, false), In::Bits(dy, false), Out::Bits(o, false)) => go::<F16>(
-                py,
-                isa,
-                as_elems(slice(x, "x")?),
-                s,
-                w,
-                as_elems(slice(dy, "grad")?),
-                as_elems_mut(slice_mut(o, "out")?),
-                threads,
-            ),
-            _ => Err(PyTypeError::new_err("x, grad and out must have the same dtype")),
-        }
+        by_dtype!(dtype, go(py, isa, x, s, w, grad, out, threads))
     }
 
     /// p and g of an optimizer step: float32, or bfloat16 as int16 bits.

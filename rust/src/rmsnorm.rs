@@ -106,19 +106,8 @@ pub fn rmsnorm_backward<E: Elem>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nf4::tests::data;
     use crate::elem::Bf16;
-
-    fn data(n: usize, seed: u64, spread: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * spread
-            })
-            .collect()
-    }
 
     fn reference(x: &[f32], w: &[f32], dy: &[f32], eps: f64) -> (Vec<f32>, Vec<f64>) {
         let d = w.len();

@@ -192,6 +192,7 @@ pub fn swiglu_backward<E: Elem>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nf4::tests::data;
     use crate::elem::Bf16;
 
     fn sigmoid64(x: f64) -> f64 {
@@ -220,18 +221,6 @@ mod tests {
         assert!(exp_f32(f32::NAN).is_nan());
         assert!(exp_f32(88.72).is_finite() && exp_f32(88.72) > 3.3e38);
         assert!((exp_f32(-87.3) as f64 / (-87.3f32 as f64).exp() - 1.0).abs() < 1e-6);
-    }
-
-    fn data(n: usize, seed: u64, spread: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * spread
-            })
-            .collect()
     }
 
     #[test]
