@@ -299,6 +299,45 @@ def test_4bit_few_token_path_equals_many_token_path():
     torch.testing.assert_close(few, many, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("in_compute_dtype", [False, True])
+def test_4bit_lora_on_fp32_activations_adds_the_adapter_in_fp32_like_peft(in_compute_dtype):
+    # bitsandbytes' Linear4bit widens its bf16 output back to the input's
+    # dtype and PEFT adds the fp32 adapter term to that; a bf16 sum would drop
+    # adapter terms under half a bf16 unit.
+    torch.manual_seed(0)
+    lin = Linear4bit(128, 96, bias=False, compute_dtype=torch.bfloat16)
+    A, B = 0.1 * torch.randn(4, 128), 1e-4 * torch.randn(96, 4)
+    x = torch.randn(2, 30, 128)
+    y = qpeft.tuners.lora_linear_4bit(x, lin, A, B, 2.0, lora_in_compute_dtype=in_compute_dtype)
+    assert y.dtype == torch.float32
+    base = torch.nn.functional.linear(x.bfloat16(), lin.dequantize().bfloat16()).float()
+    torch.testing.assert_close(y, base + (x @ A.t() @ B.t()) * 2.0, rtol=1e-6, atol=1e-6)
+
+
+def _adapter_effect(lin, A, x, B):
+    # Projection of y(B) - y(0) on the exact adapter term, over every element.
+    y0 = qpeft.tuners.lora_linear_4bit(x, lin, A, torch.zeros_like(B), 2.0, lora_in_compute_dtype=True)
+    y1 = qpeft.tuners.lora_linear_4bit(x, lin, A, B, 2.0, lora_in_compute_dtype=True)
+    want = 2.0 * (x.double() @ A.double().t()) @ B.double().t()
+    got = (y1.double() - y0.double())
+    return float((got * want).sum() / (want * want).sum())
+
+
+def test_4bit_lora_in_bfloat16_keeps_adapter_terms_under_half_a_unit():
+    # The trainer's fast path (bf16 activations, adapter in bf16): an adapter
+    # term far below half a bf16 unit of the output must survive on average,
+    # as it does when the base output is widened first (measured: a sum
+    # rounded twice kept about a tenth of a first LoRA update).
+    torch.manual_seed(0)
+    lin = Linear4bit(576, 384, bias=False, dtype=torch.bfloat16, compute_dtype=torch.bfloat16)
+    A = torch.rand(16, 576) * 0.08 - 0.04
+    B = (torch.randint(0, 2, (384, 16)).float() * 2 - 1) * 2e-4
+    x = (3 * torch.randn(512, 576)).bfloat16()
+    with torch.enable_grad():
+        effect = _adapter_effect(lin, A.requires_grad_(), x, B.requires_grad_())
+    assert 0.7 < effect < 1.3, effect
+
+
 def _quantized(base):
     return quantize_model(copy.deepcopy(base))
 

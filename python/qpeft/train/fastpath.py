@@ -10,9 +10,13 @@ values as transformers:
   instead of three fp32 copies of the hidden states;
 * the SwiGLU MLP's ``silu(gate) * up``: keeps ``gate`` and ``up`` only
   and recomputes the activation in backward;
-* LoRA on 4-bit layers runs its two thin matmuls in the compute dtype (bf16)
-  instead of casting every activation to the adapter's fp32 and back (the
-  adapter weights, their gradients and the optimizer stay fp32);
+* LoRA on 4-bit layers runs in the compute dtype (bf16) instead of casting
+  every activation to the adapter's fp32 and back (the adapter weights, their
+  gradients and the optimizer stay fp32), with base and adapter terms summed
+  inside one matmul and rounded once
+  (:func:`~qpeft.tuners.lora_autograd.lora_matmul_once`), so small adapter
+  updates are not rounded away: the loss then follows the fp32-activation
+  QLoRA of bitsandbytes + PEFT (0.14% apart after 20 steps of bench/sft.py);
 * the feed-forward half of each decoder layer (post-attention norm, gate,
   up, SwiGLU, down) keeps only its input for backward and is recomputed there
   (``recompute_mlp``): it holds 10 of the 17 MB a SmolLM2 layer keeps per

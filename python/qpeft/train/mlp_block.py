@@ -9,7 +9,7 @@ dequantizations included. :class:`RecomputedMLP` keeps ``x`` (and the
 norm's per-token scale) and in backward recomputes only the gate and up
 outputs, from the same dequantized weights that their input gradient needs
 anyway. Forward values are bit-identical to the LoRA layers' own forward on
-the trainer's fast path (adapter matmuls in the compute dtype).
+the trainer's fast path (base and adapter in one matmul, rounded once).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional
-from ..tuners.lora_autograd import addmm_into
+from ..tuners.lora_autograd import addmm_into, lora_matmul_once
 
 __all__ = ["RecomputedMLP", "fused_mlp_parts"]
 
@@ -65,10 +65,15 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tens
 
 
 def _lora_out(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> tuple:
-    # As LoraMatMul4bit's forward on the fast path: base matmul, then the
-    # low-rank term in the compute dtype accumulated into it by the matmul.
-    a = x @ A.to(x.dtype).t()
-    return addmm_into(F.linear(x, W), a, B.to(x.dtype).t(), s), a
+    # As LoraMatMul4bit's forward on the fast path: base and adapter in one
+    # matmul, rounded once; returns (output, x A^T), shaped as x.
+    y, a = lora_matmul_once(x.reshape(-1, x.shape[-1]), W, A, B, s)
+    return y.view(*x.shape[:-1], y.shape[-1]), a.view(*x.shape[:-1], a.shape[-1])
+
+
+def _lora_out_4bit(x: torch.Tensor, wq: torch.Tensor, qs: Any, A: torch.Tensor, B: torch.Tensor, s: float):
+    # Forward only: the dense weight is a scratch buffer, copied and never kept.
+    return _lora_out(x, functional._dense_scratch(wq, qs, x.dtype, False), A, B, s)[0]
 
 
 class RecomputedMLP(torch.autograd.Function):
@@ -86,13 +91,11 @@ class RecomputedMLP(torch.autograd.Function):
         n = n.to(dtype)
         parts = []
         for (wq, qs, _, _, s), (A, B) in zip((gate, up), (adapters[0:2], adapters[2:4])):
-            y = functional.linear_4bit(n, wq, qs)
-            parts.append(addmm_into(y, n @ A.to(dtype).t(), B.to(dtype).t(), s))
+            parts.append(_lora_out_4bit(n, wq, qs, A, B, s))
         h = F.silu(parts[0]) * parts[1]
         del parts
         wq, qs, _, _, s = down
-        A, B = adapters[4:6]
-        out = addmm_into(functional.linear_4bit(h, wq, qs), h @ A.to(dtype).t(), B.to(dtype).t(), s)
+        out = _lora_out_4bit(h, wq, qs, adapters[4], adapters[5], s)
         ctx.eps, ctx.dtype, ctx.x_dtype = eps, dtype, x.dtype
         ctx.states = (gate[1], up[1], down[1])
         ctx.scalings = (gate[4], up[4], down[4])
