@@ -28,6 +28,9 @@ __all__ = ["LoraMatMul4bit", "addmm_into", "dora_weight_norm", "lora_linear_4bit
 
 _augmented = threading.local()
 
+#: Dtypes whose base and adapter terms :func:`lora_matmul_once` sums inside one matmul.
+ROUND_ONCE_DTYPES = (torch.bfloat16, torch.float16)
+
 
 def addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """``out += alpha * (a @ b)`` in place, for a contiguous ``out [..., n]`` and ``a [..., k]``.
@@ -53,9 +56,13 @@ def lora_matmul_once(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch
     keeps it on average, for about ``r / in`` more multiplications (the
     separate rank-r ``addmm_`` it replaces costs more: it reads and writes the
     whole output). ``W`` may be a scratch buffer; it is copied, never kept.
+    In fp32 (no such loss) the adapter term is added by a rank-r ``addmm_``.
     """
     dtype = x.dtype
     h = x @ A.to(dtype).t()
+    if dtype not in ROUND_ONCE_DTYPES:
+        # fp32 keeps the term either way; the separate rank-r update copies less.
+        return addmm_into(x @ W.t(), h, B.to(dtype).t(), scaling), h
     rows, k = W.shape
     r = h.shape[1]
     numel = rows * (k + r)
