@@ -1,5 +1,5 @@
 """The fast path's elementwise kernels (Rust on the CPU) against torch's operations:
-qpeft.functional.swiglu / swiglu_backward and rmsnorm_backward.
+qpeft.functional.swiglu / swiglu_backward, rmsnorm_backward and cross_entropy_grad.
 
 The forward is torch's ``F.silu(gate) * up``; the backward is the float32
 arithmetic of ``swiglu_backward``'s torch fallback, checked here against
@@ -227,3 +227,103 @@ def test_property_rmsnorm_backward_any_shape(rows, d, spread, dtype, threads, is
                              QF._np_flat(out), QF._FLOAT_DTYPES[dtype], threads, isa=isa)
     mag = (want.abs().amax(-1, keepdim=True) + scale.double()) if rows else 0
     assert ((out.double() - want).abs() <= STEP[dtype] * want.abs() + 1e-5 * mag + TINY[dtype]).all()
+
+
+# ------------------------------------------------ cross-entropy with its gradient
+
+
+def xent_reference(x, t, ignore=-100):
+    """float64 autograd through F.cross_entropy (sum over rows, ignore_index)."""
+    xd = x.double().requires_grad_()
+    loss = F.cross_entropy(xd, t, ignore_index=ignore, reduction="none")
+    loss.sum().backward()
+    return loss.detach(), torch.logsumexp(x.double(), -1), xd.grad
+
+
+def check_xent(x, t, loss, lse, grad, ignore=-100):
+    want_loss, want_lse, want_grad = xent_reference(x, t, ignore)
+    valid = t != ignore
+    assert grad.dtype == x.dtype and loss.dtype == lse.dtype == torch.float32
+    tol = 1e-5 * (want_lse.abs() + 1)
+    assert ((lse.double() - want_lse)[valid].abs() <= tol[valid]).all()
+    assert ((loss.double() - want_loss).abs() <= tol).all()
+    assert (loss[~valid] == 0).all() and (grad[~valid] == 0).all()
+    # The gradient is exp(x - lse) in float32 (x - lse is exact to |lse| ulp),
+    # rounded once to the logits' dtype.
+    rel = (STEP[x.dtype] if x.dtype != torch.float32 else 2.0**-21) + (want_lse.abs() + 1).unsqueeze(1) * 2.0**-22
+    # Its error is relative to the softmax, which at the target is the gradient plus one.
+    softmax = want_grad.abs()
+    if len(t):
+        rows = valid.nonzero().squeeze(1)
+        softmax[rows, t[rows]] += 1
+    assert ((grad.double() - want_grad).abs() <= rel * softmax + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 17), (85, 49152)])
+def test_cross_entropy_grad_matches_autograd(dtype, shape):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 5).to(dtype)
+    t = torch.randint(0, shape[1], (shape[0],), generator=g)
+    t[::3] = -100
+    check_xent(x, t, *QF.cross_entropy_grad(x, t))
+
+
+def test_cross_entropy_grad_native_equals_the_torch_fallback():
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(40, 3001, generator=g) * 8).bfloat16()
+    t = torch.randint(0, 3001, (40,), generator=g)
+    t[5] = -100
+    native = QF.cross_entropy_grad(x, t)
+    # float64 logits take the torch expression (the kernels take 32- and 16-bit floats).
+    loss, lse, grad = QF.cross_entropy_grad(x.double(), t)
+    torch.testing.assert_close(native[0], loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native[1], lse, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(native[2].double(), grad, rtol=2**-7, atol=1e-7)
+
+
+def test_cross_entropy_grad_rejects_bad_targets_and_shapes_with_a_message():
+    x = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match="target 5 of row 1 is outside the vocabulary"):
+        QF.cross_entropy_grad(x, torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="target -1 of row 0"):
+        QF.cross_entropy_grad(x, torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match=r"logits must be \[rows, vocab\]"):
+        QF.cross_entropy_grad(x, torch.tensor([0]))
+    with pytest.raises(ValueError, match="integer"):
+        QF.cross_entropy_grad(x, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        _native.cross_entropy_grad(x.numpy().reshape(-1), 5, torch.tensor([0, 7]).numpy(), -100,
+                                   torch.empty(10).numpy(), torch.empty(2).numpy(), torch.empty(2).numpy(),
+                                   "float32", 1)
+    with pytest.raises(ValueError, match="one per row"):
+        _native.cross_entropy_grad(x.numpy().reshape(-1), 5, torch.tensor([0, 1]).numpy(), -100,
+                                   torch.empty(10).numpy(), torch.empty(3).numpy(), torch.empty(2).numpy(),
+                                   "float32", 1)
+
+
+def test_cross_entropy_grad_non_finite_logits_give_non_finite_losses():
+    x = torch.tensor([[0.0, float("nan"), 1.0], [0.0, 1.0, 2.0]])
+    loss, _, _ = QF.cross_entropy_grad(x, torch.tensor([0, 2]))
+    assert not torch.isfinite(loss[0]) and torch.isfinite(loss[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(0, 40),
+    vocab=st.integers(1, 700),
+    spread=st.sampled_from([1e-20, 1e-3, 1.0, 30.0]),
+    dtype=st.sampled_from(DTYPES),
+    threads=st.integers(1, 3),
+    isa=st.sampled_from(["scalar", "avx2", "avx512", None]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_cross_entropy_grad_any_shape(rows, vocab, spread, dtype, threads, isa, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, vocab, generator=g) * spread).to(dtype)
+    t = torch.randint(-1, vocab, (rows,), generator=g)
+    t[t < 0] = -100
+    grad, lse, loss = torch.empty_like(x), torch.empty(rows), torch.empty(rows)
+    _native.cross_entropy_grad(QF._np_flat(x), vocab, t.numpy(), -100, QF._np_flat(grad), lse.numpy(), loss.numpy(),
+                               QF._FLOAT_DTYPES[dtype], threads, isa=isa)
+    check_xent(x, t, loss, lse, grad)

@@ -206,6 +206,25 @@ def rmsnorm_backward_cases():
     yield "x 2-D", {**ok, "x": f32(rows * d).reshape(rows, d)}, TypeError
 
 
+def cross_entropy_grad_cases():
+    rows, vocab = 4, 30
+    ok = dict(logits=f32(rows * vocab), vocab=vocab, targets=np.array([0, 29, -100, 3], np.int64), ignore_index=-100,
+              grad=np.zeros(rows * vocab, np.float32), lse=np.zeros(rows, np.float32),
+              loss=np.zeros(rows, np.float32), dtype="float32", threads=1)
+    yield "ok", ok, None
+    yield "target past the vocabulary", {**ok, "targets": np.array([0, 30, -100, 3], np.int64)}, ValueError
+    yield "negative target", {**ok, "targets": np.array([0, -1, -100, 3], np.int64)}, ValueError
+    yield "one target too many", {**ok, "targets": np.zeros(rows + 1, np.int64)}, ValueError
+    yield "vocab 0", {**ok, "vocab": 0}, ValueError
+    yield "short grad", {**ok, "grad": np.zeros(rows * vocab - 1, np.float32)}, ValueError
+    yield "short lse", {**ok, "lse": np.zeros(rows - 1, np.float32)}, ValueError
+    yield "grad is logits", {**ok, "grad": ok["logits"]}, BAD
+    yield "lse is loss", {**ok, "loss": ok["lse"]}, BAD
+    yield "targets int32", {**ok, "targets": np.zeros(rows, np.int32)}, TypeError
+    yield "logits strided", {**ok, "logits": f32(2 * rows * vocab)[::2]}, ValueError
+    yield "dtype unknown", {**ok, "dtype": "float64"}, TypeError
+
+
 CASES = [
     (fn, name, kwargs, exc)
     for fn, gen in [
@@ -219,6 +238,7 @@ CASES = [
         (_native.swiglu_forward, swiglu_forward_cases),
         (_native.swiglu_backward, swiglu_backward_cases),
         (_native.rmsnorm_backward, rmsnorm_backward_cases),
+        (_native.cross_entropy_grad, cross_entropy_grad_cases),
     ]
     for name, kwargs, exc in gen()
 ]

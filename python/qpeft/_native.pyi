@@ -87,6 +87,18 @@ def rmsnorm_backward(
     threads: int,
     isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
 ) -> None: ...
+def cross_entropy_grad(
+    logits: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    vocab: int,
+    targets: npt.NDArray[np.int64],
+    ignore_index: int,
+    grad: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    lse: npt.NDArray[np.float32],
+    loss: npt.NDArray[np.float32],
+    dtype: _Float,
+    threads: int,
+    isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
+) -> None: ...
 def gemv_4bit(
     x: npt.NDArray[np.float32] | npt.NDArray[np.int16],
     dtype: _Float,

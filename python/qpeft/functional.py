@@ -53,6 +53,7 @@ __all__ = [
     "swiglu",
     "swiglu_backward",
     "rmsnorm_backward",
+    "cross_entropy_grad",
     "quantize_blockwise",
     "dequantize_blockwise",
     "cpu_isa",
@@ -1019,6 +1020,57 @@ def rmsnorm_backward(x: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
     _native.rmsnorm_backward(_np_flat(xc), s.numpy().reshape(-1), w.numpy().reshape(-1), _np_flat(dy), _np_flat(out),
                              _FLOAT_DTYPES[xc.dtype], _threads())
     return out
+
+
+def cross_entropy_grad(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each row of ``logits [rows, vocab]`` with its gradient.
+
+    Returns ``(loss, lse, grad)``: the float32 per-row loss ``lse - logits[t]``
+    (0 where the target is ``ignore_index``), the float32 per-row
+    log-sum-exp, and the gradient of the summed loss with respect to the
+    logits, ``softmax - onehot(t)`` (zero rows where ignored), computed in
+    float32 and rounded once to the logits' dtype -- the values of
+    ``F.cross_entropy(logits.float(), targets, reduction="sum")`` and its
+    backward. On the CPU one Rust pass per row (it stays in cache) replaces
+    the half-dozen passes over ``[rows, vocab]`` of the torch expression,
+    which runs elsewhere. Targets outside ``0..vocab`` other than
+    ``ignore_index`` raise ``ValueError``.
+    """
+    if logits.dim() != 2 or targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"logits must be [rows, vocab] and targets [rows]; got {list(logits.shape)} and {list(targets.shape)}"
+        )
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
+    rows, vocab = logits.shape
+    if vocab == 0:
+        raise ValueError("logits have an empty vocabulary (0 columns)")
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"target {int(targets[row])} of row {row} is outside the vocabulary (0..{vocab}) "
+            f"and is not the ignore index {ignore_index}"
+        )
+    if logits.device.type != "cpu" or logits.dtype not in _FLOAT_DTYPES:
+        x = logits.float()
+        lse = torch.logsumexp(x, dim=-1)
+        t = targets.clamp(0, vocab - 1).unsqueeze(1)
+        weight = valid.to(x.dtype)
+        loss = (lse - x.gather(1, t).squeeze(1)) * weight
+        grad = x.sub_(lse.unsqueeze(1)).exp_().scatter_add_(1, t, -weight.unsqueeze(1)).mul_(weight.unsqueeze(1))
+        return loss, lse, grad.to(logits.dtype)
+    x = logits.detach().contiguous()
+    t = targets.detach().to(torch.int64).contiguous()
+    grad = torch.empty_like(x)
+    lse = torch.empty(rows, dtype=torch.float32)
+    loss = torch.empty(rows, dtype=torch.float32)
+    _native.cross_entropy_grad(_np_flat(x), vocab, t.numpy(), int(ignore_index), _np_flat(grad), lse.numpy(),
+                               loss.numpy(), _FLOAT_DTYPES[x.dtype], _threads())
+    return loss, lse, grad
 
 
 _scratch = threading.local()

@@ -25,6 +25,7 @@ pub mod parallel;
 pub mod rmsnorm;
 pub mod scale;
 pub mod swiglu;
+pub mod xent;
 
 #[cfg(feature = "python")]
 mod bindings {
@@ -529,6 +530,38 @@ mod bindings {
         by_dtype!(dtype, go(py, isa, x, s, w, grad, out, threads))
     }
 
+    #[pyfunction]
+    #[pyo3(signature = (logits, vocab, targets, ignore_index, grad, lse, loss, dtype, threads, isa=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy_grad(
+        py: Python<'_>,
+        logits: &Bound<'_, PyAny>,
+        vocab: usize,
+        targets: PyReadonlyArray1<'_, i64>,
+        ignore_index: i64,
+        grad: &Bound<'_, PyAny>,
+        mut lse: PyReadwriteArray1<'_, f32>,
+        mut loss: PyReadwriteArray1<'_, f32>,
+        dtype: &str,
+        threads: usize,
+        isa: Option<&str>,
+    ) -> PyResult<()> {
+        type A<'a, 'py> = &'a Bound<'py, PyAny>;
+        #[allow(clippy::too_many_arguments)]
+        fn go<E: FromNumpy>(
+            py: Python<'_>, isa: Isa, logits: A, vocab: usize, t: &[i64], ignore: i64, grad: A,
+            lse: &mut [f32], loss: &mut [f32], threads: usize,
+        ) -> PyResult<()> {
+            let (xa, mut ga) = (read::<E>(logits)?, write::<E>(grad)?);
+            let (x, g) = (elems::<E>(&xa, "logits")?, elems_mut::<E>(&mut ga, "grad")?);
+            run(py, || crate::xent::cross_entropy_grad(isa, x, vocab, t, ignore, g, lse, loss, threads))
+        }
+        let isa = parse_isa(isa)?;
+        let t = slice(&targets, "targets")?;
+        let (lse, loss) = (slice_mut(&mut lse, "lse")?, slice_mut(&mut loss, "loss")?);
+        by_dtype!(dtype, go(py, isa, logits, vocab, t, ignore_index, grad, lse, loss, threads))
+    }
+
     /// p and g of an optimizer step: float32, or bfloat16 as int16 bits.
     enum Param<'py> {
         F32(PyReadwriteArray1<'py, f32>, PyReadonlyArray1<'py, f32>),
@@ -822,6 +855,7 @@ mod bindings {
         m.add_function(wrap_pyfunction!(swiglu_forward, m)?)?;
         m.add_function(wrap_pyfunction!(swiglu_backward, m)?)?;
         m.add_function(wrap_pyfunction!(rmsnorm_backward, m)?)?;
+        m.add_function(wrap_pyfunction!(cross_entropy_grad, m)?)?;
         m.add_function(wrap_pyfunction!(adamw_step, m)?)?;
         m.add_function(wrap_pyfunction!(adamw8_step, m)?)?;
         m.add_class::<PagedState>()?;

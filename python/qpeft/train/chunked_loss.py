@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import functional
 from ..data import IGNORE_INDEX
 
 __all__ = ["ChunkedLMLoss", "chunk_rows", "chunked_lm_loss_sum"]
@@ -52,14 +53,18 @@ class ChunkedLMLoss(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if eager else None
         for i in range(0, n, rows):
             t = targets[i:i + rows]
-            logits = (hidden[i:i + rows] @ w.t()).float()
+            logits = hidden[i:i + rows] @ w.t()
+            if eager:
+                # Loss, log-sum-exp and softmax - onehot in one pass per row.
+                loss, lse[i:i + rows], p = functional.cross_entropy_grad(logits, t, IGNORE_INDEX)
+                total += loss.sum()
+                grad_h[i:i + rows] = p @ w
+                continue
+            logits = logits.float()
             lse[i:i + rows] = torch.logsumexp(logits, dim=-1)
             valid = t != IGNORE_INDEX
             picked = logits.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)
             total += ((lse[i:i + rows] - picked) * valid).sum()
-            if eager:
-                p = _dlogits(logits.sub_(lse[i:i + rows].unsqueeze(1)).exp_(), t, valid, None)
-                grad_h[i:i + rows] = p.to(hidden.dtype) @ w
         ctx.rows = rows
         ctx.eager = eager
         if eager:
