@@ -352,6 +352,14 @@ tensor_values = st.sampled_from([
 ])
 
 
+def _first_group(sd):
+    """The first param group when an earlier mutation left one that is a non-empty dict, else None."""
+    groups = sd.get("param_groups") if isinstance(sd, dict) else None
+    if isinstance(groups, list) and groups and isinstance(groups[0], dict) and groups[0]:
+        return groups[0]
+    return None
+
+
 @st.composite
 def mutated_state_dict(draw, sd):
     sd = copy.deepcopy(sd)
@@ -370,13 +378,13 @@ def mutated_state_dict(draw, sd):
             s = states[draw(st.sampled_from(sorted(states)))]
             if isinstance(s, dict):
                 s["step"] = draw(tensor_values | st.integers(-2, 2**70) | st.floats() | json_values)
-        elif kind == "group" and isinstance(sd.get("param_groups"), list) and sd["param_groups"]:
-            g = sd["param_groups"][0]
+        elif kind == "group" and _first_group(sd) is not None:
+            g = _first_group(sd)
             key = draw(st.sampled_from(sorted(g)))
             g[key] = draw(json_values | st.sampled_from([(0.9, 0.999, 0.5), (1.5, 0.9), -1.0, float("nan"),
                                                           torch.tensor(1e-3)]))
-        elif kind == "ids" and isinstance(sd.get("param_groups"), list) and sd["param_groups"]:
-            sd["param_groups"][0]["params"] = draw(st.lists(st.integers(-1, 3), max_size=3))
+        elif kind == "ids" and _first_group(sd) is not None:
+            _first_group(sd)["params"] = draw(st.lists(st.integers(-1, 3), max_size=3))
         elif kind == "top":
             key = draw(st.sampled_from(["state", "param_groups"]))
             sd[key] = draw(json_values)
