@@ -287,6 +287,19 @@ def test_gguf_cache_is_built_once_and_atomically(tmp_path, monkeypatch):
     hf.load_model(gguf, cache_dir=cache)
     assert len(calls) == 3
 
+    # The same bytes at another path (the package installed in a second
+    # environment) reuse the cache instead of converting again ...
+    twin = tmp_path / "elsewhere" / "fake.gguf"
+    twin.parent.mkdir()
+    twin.write_bytes(gguf.read_bytes())
+    hf.load_model(twin, cache_dir=cache)
+    hf.load_model(gguf, cache_dir=cache)
+    assert len(calls) == 3
+    # ... but other bytes of the same size do not.
+    twin.write_bytes(b"GGUF, chanGed")
+    hf.load_model(twin, cache_dir=cache)
+    assert len(calls) == 4
+
 
 def test_cache_root_honours_env(monkeypatch, tmp_path):
     monkeypatch.setenv("QPEFT_CACHE", str(tmp_path / "c"))

@@ -12,6 +12,7 @@ a second.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -178,16 +179,35 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _source_record(gguf: Path) -> dict[str, Any]:
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _source_record(gguf: Path, sha256: Optional[str] = None) -> dict[str, Any]:
     st = gguf.stat()
-    return {"gguf": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"gguf": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256": sha256 or _sha256(gguf)}
 
 
 def _cache_is_valid(folder: Path, gguf: Path) -> bool:
+    """Whether ``folder`` holds a conversion of ``gguf``: the same file (path, size and
+    modification time), or the same bytes under another path -- the same package
+    installed in a second environment must not make each environment re-convert
+    (about 20 s, and a peak of the whole dense model in memory) after the other."""
     try:
-        return json.loads((folder / _SOURCE_FILE).read_text()) == _source_record(gguf)
+        record = json.loads((folder / _SOURCE_FILE).read_text())
+        st = gguf.stat()
     except (OSError, ValueError):
         return False
+    if not isinstance(record, dict) or record.get("size") != st.st_size:
+        return False
+    if record.get("gguf") == str(gguf.resolve()) and record.get("mtime_ns") == st.st_mtime_ns:
+        return True
+    return isinstance(record.get("sha256"), str) and record["sha256"] == _sha256(gguf)
 
 
 def _cached_gguf(gguf: Path, root: Path) -> Path:
