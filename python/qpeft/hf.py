@@ -187,10 +187,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _source_record(gguf: Path, sha256: Optional[str] = None) -> dict[str, Any]:
+def _source_record(gguf: Path) -> dict[str, Any]:
     st = gguf.stat()
-    return {"gguf": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "sha256": sha256 or _sha256(gguf)}
+    return {"gguf": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(gguf)}
 
 
 def _cache_is_valid(folder: Path, gguf: Path) -> bool:

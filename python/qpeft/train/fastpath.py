@@ -14,7 +14,7 @@ values as transformers:
   every activation to the adapter's fp32 and back (the adapter weights, their
   gradients and the optimizer stay fp32), with base and adapter terms summed
   inside one matmul and rounded once
-  (:func:`~qpeft.tuners.lora_autograd.lora_matmul_once`), so small adapter
+  (:func:`qpeft.functional.lora_matmul`), so small adapter
   updates are not rounded away: the loss then follows the fp32-activation
   QLoRA of bitsandbytes + PEFT (0.14% apart after 20 steps of bench/sft.py);
 * the feed-forward half of each decoder layer (post-attention norm, gate,

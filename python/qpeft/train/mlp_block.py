@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional
-from ..tuners.lora_autograd import addmm_into, lora_matmul_once
+from ..tuners.lora_autograd import addmm_into
 
 __all__ = ["RecomputedMLP", "fused_mlp_parts"]
 
@@ -65,15 +65,15 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tens
 
 
 def _lora_out(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> tuple:
-    # As LoraMatMul4bit's forward on the fast path: base and adapter in one
-    # matmul, rounded once; returns (output, x A^T), shaped as x.
-    y, a = lora_matmul_once(x.reshape(-1, x.shape[-1]), W, A, B, s)
+    # Backward's recomputation, from the dense weight it needs anyway: the
+    # forward's values (functional.linear_4bit_lora); returns (output, x A^T), shaped as x.
+    y, a = functional.lora_matmul(x.reshape(-1, x.shape[-1]), W, A, B, s)
     return y.view(*x.shape[:-1], y.shape[-1]), a.view(*x.shape[:-1], a.shape[-1])
 
 
 def _lora_out_4bit(x: torch.Tensor, wq: torch.Tensor, qs: Any, A: torch.Tensor, B: torch.Tensor, s: float):
-    # Forward only: the dense weight is a scratch buffer, copied and never kept.
-    return _lora_out(x, functional._dense_scratch(wq, qs, x.dtype, False), A, B, s)[0]
+    y, _ = functional.linear_4bit_lora(x.reshape(-1, x.shape[-1]), wq, qs, A, B, s)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class RecomputedMLP(torch.autograd.Function):

@@ -16,7 +16,6 @@ With DoRA (Liu et al. 2024, in PEFT's form) and ``g = m / ||W + s B A||``
 
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 import torch
@@ -24,12 +23,8 @@ import torch.nn.functional as F
 
 from .. import functional
 
-__all__ = ["LoraMatMul4bit", "addmm_into", "dora_weight_norm", "lora_linear_4bit", "lora_matmul_once"]
+__all__ = ["LoraMatMul4bit", "addmm_into", "dora_weight_norm", "lora_linear_4bit"]
 
-_augmented = threading.local()
-
-#: Dtypes whose base and adapter terms :func:`lora_matmul_once` sums inside one matmul.
-ROUND_ONCE_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -41,38 +36,6 @@ def addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float
     """
     out.view(-1, out.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), b, alpha=alpha)
     return out
-
-
-def lora_matmul_once(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                     scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x W^T + s (x A^T) B^T, x A^T)`` for a 2-D ``x`` and a dense ``W``, both in ``x``'s dtype,
-    as one matmul over ``[x | x A^T]`` and ``[W | s B]``.
-
-    Why one matmul: in bf16, adding the adapter term to an already rounded
-    base output rounds twice, and a term under half a unit in the last place
-    (every adapter early in training: B starts at zero) is dropped outright --
-    measured on SmolLM2, a first LoRA update kept a tenth of its effect on the
-    loss. Accumulating both products in the matmul's fp32 and rounding once
-    keeps it on average, for about ``r / in`` more multiplications (the
-    separate rank-r ``addmm_`` it replaces costs more: it reads and writes the
-    whole output). ``W`` may be a scratch buffer; it is copied, never kept.
-    In fp32 (no such loss) the adapter term is added by a rank-r ``addmm_``.
-    """
-    dtype = x.dtype
-    h = x @ A.to(dtype).t()
-    if dtype not in ROUND_ONCE_DTYPES:
-        # fp32 keeps the term either way; the separate rank-r update copies less.
-        return addmm_into(x @ W.t(), h, B.to(dtype).t(), scaling), h
-    rows, k = W.shape
-    r = h.shape[1]
-    numel = rows * (k + r)
-    buf = getattr(_augmented, "buf", None)
-    if buf is None or buf.dtype != dtype or buf.device != x.device or buf.numel() < numel:
-        buf = _augmented.buf = torch.empty(numel, dtype=dtype, device=x.device)
-    Wa = buf[:numel].view(rows, k + r)
-    Wa[:, :k].copy_(W)
-    Wa[:, k:].copy_(B * scaling if scaling != 1.0 else B)
-    return torch.cat([x, h], dim=1) @ Wa.t(), h
 
 
 def dora_weight_norm(
@@ -104,7 +67,6 @@ class LoraMatMul4bit(torch.autograd.Function):
         # the rounding of a bf16 sum.
         out_dtype = x.dtype
         compute_dtype = out_dtype if compute_dtype is None or magnitude is not None else compute_dtype
-        xc = x if compute_dtype == out_dtype else x.to(compute_dtype)
         ctx.compute_dtype = compute_dtype
         # The adapter's matmuls run in lora_dtype (default: the adapter's own);
         # gradients are returned in the adapter's dtype either way.
@@ -119,25 +81,24 @@ class LoraMatMul4bit(torch.autograd.Function):
             keep = torch.empty_like(xd).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
             mask = keep != 0
             xd = xd * keep
-        tokens = x.numel() // max(1, x.shape[-1])
         norm = None
-        if (compute_path and bias is None and mask is None and compute_dtype == lora_dtype
-                and x.device.type == "cpu" and tokens > functional.GEMV_MAX_TOKENS):
-            # The trainer's fast path: base and adapter in one matmul (see lora_matmul_once).
-            W = functional._dense_scratch(weight, quant_state, lora_dtype, False)
-            out, h = lora_matmul_once(xd.reshape(-1, xd.shape[-1]), W, A, B, scaling)
+        if compute_path and bias is None and mask is None and compute_dtype == lora_dtype:
+            # The trainer's fast path: base and adapter summed inside the matmul
+            # (rounded once; see functional.lora_matmul).
+            out, h = functional.linear_4bit_lora(xd.reshape(-1, xd.shape[-1]), weight, quant_state, A, B, scaling)
             out = out.view(*x.shape[:-1], out.shape[-1])
             ctx.fused = True
         elif magnitude is None:
             h = xd @ A_.t()
             # Sums are formed in PEFT's order (base output with bias first, then
             # the adapter term), so equal weights give equal logits to the last bit.
+            xc = x if compute_dtype == out_dtype else x.to(compute_dtype)
             result = functional.linear_4bit(xc, weight, quant_state)
             if bias is not None:
                 result = result + bias.to(result.dtype)
             result = result.to(out_dtype)
-            # The compute-dtype path for few tokens accumulates the adapter into
-            # the fresh result inside the matmul: no [tokens, out] temporaries.
+            # The compute-dtype path with a bias accumulates the adapter into the
+            # fresh result inside the matmul: no [tokens, out] temporaries.
             ctx.fused = compute_path and result.dtype == lora_dtype and result.is_contiguous()
             if ctx.fused:
                 out = addmm_into(result, h, B_.t(), scaling)
