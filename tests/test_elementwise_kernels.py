@@ -1,5 +1,6 @@
 """The fast path's elementwise kernels (Rust on the CPU) against torch's operations:
-qpeft.functional.swiglu / swiglu_backward, rmsnorm_backward and cross_entropy_grad.
+qpeft.functional.swiglu / swiglu_backward, rmsnorm_backward, cross_entropy_grad and
+causal_softmax_grad.
 
 The forward is torch's ``F.silu(gate) * up``; the backward is the float32
 arithmetic of ``swiglu_backward``'s torch fallback, checked here against
@@ -327,3 +328,115 @@ def test_property_cross_entropy_grad_any_shape(rows, vocab, spread, dtype, threa
     _native.cross_entropy_grad(QF._np_flat(x), vocab, t.numpy(), -100, QF._np_flat(grad), lse.numpy(), loss.numpy(),
                                QF._FLOAT_DTYPES[dtype], threads, isa=isa)
     check_xent(x, t, loss, lse, grad)
+
+
+# ------------------------------------------------ causal attention's softmax backward
+
+
+def attention_softmax_reference(q, k, v, d_out, scale):
+    """float64 autograd through masked softmax attention: (scores, dp, lse, out, p, d_scores)."""
+    t = q.shape[-2]
+    mask = torch.ones(t, t, dtype=torch.bool).triu_(1)
+    scores = (q.double() @ k.double().transpose(-1, -2)).requires_grad_()
+    z = (scores * scale).masked_fill(mask, float("-inf"))
+    p = torch.softmax(z, -1)
+    out = p @ v.double()
+    out.backward(d_out.double())
+    return scores.detach(), d_out.double() @ v.double().transpose(-1, -2), torch.logsumexp(z, -1).detach(), \
+        out.detach(), p.detach(), scores.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 3), (3, 33, 16), (2, 256, 64)])
+def test_causal_softmax_grad_matches_autograd(dtype, shape):
+    b, t, d = shape
+    g = torch.Generator().manual_seed(t)
+    q, k, v, d_out = (torch.randn(b, t, d, generator=g).to(dtype) for _ in range(4))
+    scale = d**-0.5
+    scores, dp, lse, out, want_p, want_ds = attention_softmax_reference(q, k, v, d_out, scale)
+    p, ds = QF.causal_softmax_grad(scores.to(dtype), dp.to(dtype), lse.float(), out.to(dtype), d_out, scale)
+    assert p.dtype == ds.dtype == dtype and p.shape == ds.shape == (b, t, t)
+    above = torch.ones(t, t, dtype=torch.bool).triu_(1).expand(b, t, t)
+    assert (p[above] == 0).all() and (ds[above] == 0).all()
+    # Inputs rounded to the dtype move exp(s * scale - lse) by about |s * scale| steps.
+    step = STEP[dtype] * (1 + (scores * scale).abs())
+    assert ((p.double() - want_p).abs() <= step * want_p + 1e-7).all()
+    # ds = p * (dp - delta) * scale: dp and the terms of delta = sum(d_out * out) each carry a rounding.
+    terms = (d_out.double().abs() * out.abs()).sum(-1, keepdim=True)
+    tol = 2 * step * (want_p * (dp.abs() + terms) * scale) + 1e-6
+    assert ((ds.double() - want_ds).abs() <= tol).all()
+
+
+def test_causal_softmax_grad_native_equals_the_torch_fallback():
+    g = torch.Generator().manual_seed(3)
+    scores, dp = torch.randn(2, 3, 40, 40, generator=g) * 6, torch.randn(2, 3, 40, 40, generator=g)
+    lse = torch.randn(2, 3, 40, generator=g) + 4
+    out, d_out = torch.randn(2, 3, 40, 8, generator=g), torch.randn(2, 3, 40, 8, generator=g)
+    native = QF.causal_softmax_grad(scores, dp, lse, out, d_out, 0.3)
+    # float64 takes the torch expression (the kernel takes 32- and 16-bit floats).
+    ref = QF.causal_softmax_grad(scores.double(), dp.double(), lse, out.double(), d_out.double(), 0.3)
+    for got, want in zip(native, ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_causal_softmax_grad_inplace_overwrites_its_inputs_with_the_same_values():
+    g = torch.Generator().manual_seed(4)
+    scores, dp = (torch.randn(3, 17, 17, generator=g).bfloat16() for _ in range(2))
+    lse = torch.randn(3, 17, generator=g) + 3
+    out, d_out = (torch.randn(3, 17, 5, generator=g).bfloat16() for _ in range(2))
+    want = QF.causal_softmax_grad(scores, dp, lse, out, d_out, 0.4)
+    s2, dp2 = scores.clone(), dp.clone()
+    got = QF.causal_softmax_grad(s2, dp2, lse, out, d_out, 0.4, inplace=True)
+    assert got[0] is s2 and got[1] is dp2
+    assert torch.equal(s2, want[0]) and torch.equal(dp2, want[1])
+    with pytest.raises(ValueError, match="contiguous"):
+        QF.causal_softmax_grad(scores.transpose(1, 2), dp, lse, out, d_out, 0.4, inplace=True)
+
+
+def test_causal_softmax_grad_rejects_shapes_with_a_message():
+    s = torch.zeros(2, 4, 4)
+    with pytest.raises(ValueError, match=r"scores and dp must both be \[..., T, T\]"):
+        QF.causal_softmax_grad(torch.zeros(2, 4, 3), torch.zeros(2, 4, 3), torch.zeros(2, 4), torch.zeros(2, 4, 2),
+                               torch.zeros(2, 4, 2), 1.0)
+    with pytest.raises(ValueError, match="lse must be"):
+        QF.causal_softmax_grad(s, s, torch.zeros(2, 3), torch.zeros(2, 4, 2), torch.zeros(2, 4, 2), 1.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    blocks=st.integers(1, 5),
+    t=st.integers(1, 80),
+    d=st.integers(1, 20),
+    spread=st.sampled_from([1e-20, 1e-3, 1.0, 30.0]),
+    dtype=st.sampled_from(DTYPES),
+    threads=st.integers(1, 3),
+    isa=st.sampled_from(["scalar", "avx2", "avx512", None]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_causal_softmax_grad_any_shape(blocks, t, d, spread, dtype, threads, isa, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k = ((torch.randn(blocks, t, d, generator=g) * spread).to(dtype) for _ in range(2))
+    v, d_out = (torch.randn(blocks, t, d, generator=g).to(dtype) for _ in range(2))
+    scale = d**-0.5
+    scores, dp, lse, out, _, _ = attention_softmax_reference(q, k, v, d_out, scale)
+    sc, dpc, oc, lse = scores.to(dtype), dp.to(dtype), out.to(dtype), lse.float()
+    p, ds = sc.clone(), dpc.clone()  # the kernel writes p over the scores and ds over dp
+    _native.causal_softmax_grad(QF._np_flat(p), QF._np_flat(ds), lse.numpy().reshape(-1), QF._np_flat(oc),
+                                QF._np_flat(d_out), t, d, scale, QF._FLOAT_DTYPES[dtype], threads, isa=isa)
+    # The formula in float64 on exactly the kernel's inputs (rounding the
+    # scores to the dtype moves exp(s * scale - lse) far from a softmax when
+    # they are huge; that is the caller's precision, not the kernel's).
+    above = torch.ones(t, t, dtype=torch.bool).triu_(1)
+    z = sc.double() * scale - lse.double().unsqueeze(-1)
+    want_p = z.exp().masked_fill(above, 0.0)
+    terms = d_out.double() * oc.double()
+    want_ds = want_p * (dpc.double() - terms.sum(-1, keepdim=True)) * scale
+    assert (p[above.expand_as(p)] == 0).all() and (ds[above.expand_as(ds)] == 0).all()
+    # float32 arithmetic on z (a few ulp of its parts) and exp, then one rounding to the dtype.
+    # exp underflows to 0 below float32's normal range (subnormal results are flushed).
+    rel = STEP[dtype] + 2.0**-21 * (1 + (sc.double() * scale).abs() + lse.double().abs().unsqueeze(-1))
+    floor = max(TINY[dtype], 2.0**-126)
+    assert ((p.double() - want_p).abs() <= rel * want_p + floor).all()
+    sum_terms = dpc.double().abs() + terms.abs().sum(-1, keepdim=True)
+    tol = (rel + 2.0**-21 * d) * want_p * sum_terms * scale + floor * (1 + sum_terms)
+    assert ((ds.double() - want_ds).abs() <= tol).all()

@@ -144,8 +144,8 @@ def test_fast_path_model_matches_the_plain_model(tiny_llama_dir, dtype, recomput
     fast = copy.deepcopy(plain)
     assert lm_parts(plain) is not None
     switched = enable_fast_path(fast, recompute_mlp=recompute_mlp, trim_every=1)
-    assert set(switched) == {"chunked-loss", "lora-compute-dtype", "rmsnorm", "swiglu", "heap-trim"} | (
-        {"recompute-mlp"} if recompute_mlp else set())
+    assert set(switched) == {"chunked-loss", "lora-compute-dtype", "rmsnorm", "swiglu", "heap-trim",
+                             "dense-attention-backward"} | ({"recompute-mlp"} if recompute_mlp else set())
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, plain.config.vocab_size, (2, 13), generator=g)
     labels = ids.clone()

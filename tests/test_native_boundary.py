@@ -225,6 +225,24 @@ def cross_entropy_grad_cases():
     yield "dtype unknown", {**ok, "dtype": "float64"}, TypeError
 
 
+
+def causal_softmax_grad_cases():
+    keys, blocks, d = 6, 2, 4
+    rows = keys * blocks
+    ok = dict(scores=f32(rows * keys), dp=f32(rows * keys, 1), lse=np.zeros(rows, np.float32), out=f32(rows * d, 2),
+              d_out=f32(rows * d, 3), keys=keys, head_dim=d, scale=0.5, dtype="float32", threads=2)
+    yield "ok", ok, None
+    yield "rows not whole blocks", {**ok, "lse": np.zeros(rows - 1, np.float32)}, ValueError
+    yield "keys 0", {**ok, "keys": 0}, ValueError
+    yield "head_dim 0", {**ok, "head_dim": 0}, ValueError
+    yield "short dp", {**ok, "dp": f32(rows * keys - 1)}, ValueError
+    yield "short scores", {**ok, "scores": f32(rows * keys + 1)}, ValueError
+    yield "short out", {**ok, "out": f32(rows * d - 1)}, ValueError
+    yield "dp is scores", {**ok, "dp": ok["scores"]}, BAD
+    yield "scores strided", {**ok, "scores": f32(2 * rows * keys)[::2]}, ValueError
+    yield "scores read-only", {**ok, "scores": read_only(f32(rows * keys))}, BAD
+    yield "dtype unknown", {**ok, "dtype": "float64"}, TypeError
+
 CASES = [
     (fn, name, kwargs, exc)
     for fn, gen in [
@@ -239,6 +257,7 @@ CASES = [
         (_native.swiglu_backward, swiglu_backward_cases),
         (_native.rmsnorm_backward, rmsnorm_backward_cases),
         (_native.cross_entropy_grad, cross_entropy_grad_cases),
+        (_native.causal_softmax_grad, causal_softmax_grad_cases),
     ]
     for name, kwargs, exc in gen()
 ]

@@ -87,6 +87,19 @@ def rmsnorm_backward(
     threads: int,
     isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
 ) -> None: ...
+def causal_softmax_grad(
+    scores: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    dp: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    lse: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    d_out: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    keys: int,
+    head_dim: int,
+    scale: float,
+    dtype: _Float,
+    threads: int,
+    isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
+) -> None: ...
 def cross_entropy_grad(
     logits: npt.NDArray[np.float32] | npt.NDArray[np.int16],
     vocab: int,

@@ -55,6 +55,7 @@ __all__ = [
     "swiglu",
     "swiglu_backward",
     "rmsnorm_backward",
+    "causal_softmax_grad",
     "cross_entropy_grad",
     "quantize_blockwise",
     "dequantize_blockwise",
@@ -1126,6 +1127,59 @@ def cross_entropy_grad(
     _native.cross_entropy_grad(_np_flat(x), vocab, t.numpy(), int(ignore_index), _np_flat(grad), lse.numpy(),
                                loss.numpy(), _FLOAT_DTYPES[x.dtype], _threads())
     return loss, lse, grad
+
+
+def causal_softmax_grad(
+    scores: torch.Tensor, dp: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, d_out: torch.Tensor, scale: float,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax half of causal self-attention's backward.
+
+    For query rows laid out as ``scores [..., T, T]`` (``q k^T``, unscaled),
+    ``dp [..., T, T]`` (``dO v^T``), the forward's log-sum-exp ``lse [..., T]``
+    (of the scaled scores) and ``out``, ``d_out [..., T, D]`` (the attention
+    output and its gradient), returns ``(p, ds)``:
+    ``p = exp(scores * scale - lse)`` below and on the diagonal (the
+    attention probabilities) and ``ds = p * (dp - rowsum(d_out * out)) * scale``
+    (the gradient of the unscaled scores), both zero above the diagonal,
+    computed in float32 and rounded once to ``scores``' dtype. Leading
+    dimensions of all five must agree (``[B, H, ...]`` or any grouping of the
+    rows into ``[T, T]`` blocks). With ``inplace=True`` (contiguous
+    ``scores`` and ``dp`` of one dtype) ``p`` is written over ``scores`` and
+    ``ds`` over ``dp``, so the backward needs no further ``[T, T]`` buffers.
+    On the CPU this is one Rust pass per row instead of a dozen torch passes
+    over the ``[T, T]`` matrices.
+    """
+    t = scores.shape[-1]
+    if scores.dim() < 2 or scores.shape[-2] != t or dp.shape != scores.shape:
+        raise ValueError(f"scores and dp must both be [..., T, T]; got {list(scores.shape)} and {list(dp.shape)}")
+    lead = scores.shape[:-1]
+    if lse.shape != lead or out.shape[:-1] != lead or d_out.shape != out.shape:
+        raise ValueError(
+            f"lse must be {list(lead)} and out, d_out [{', '.join(map(str, lead))}, D]; got {list(lse.shape)}, "
+            f"{list(out.shape)} and {list(d_out.shape)}"
+        )
+    dtype = scores.dtype
+    if inplace and (dp.dtype != dtype or not scores.is_contiguous() or not dp.is_contiguous()):
+        raise ValueError("inplace=True needs contiguous scores and dp of one dtype")
+    native = (scores.device.type == "cpu" and dtype in _FLOAT_DTYPES and dp.dtype == dtype
+              and out.dtype == dtype and d_out.dtype == dtype)
+    if not native:
+        delta = (d_out.float() * out.float()).sum(-1, keepdim=True)
+        causal = torch.ones(t, t, dtype=torch.bool, device=scores.device).triu_(1)
+        p = scores.float().mul_(scale).sub_(lse.float().unsqueeze(-1)).exp_().masked_fill_(causal, 0.0)
+        ds = p * (dp.float() - delta) * scale
+        if inplace:
+            return scores.copy_(p), dp.copy_(ds)
+        return p.to(dtype), ds.to(dtype)
+    p = scores.detach() if inplace else scores.detach().contiguous().clone()
+    ds = dp.detach() if inplace else dp.detach().contiguous().clone()
+    _native.causal_softmax_grad(
+        _np_flat(p), _np_flat(ds), lse.detach().float().contiguous().numpy().reshape(-1),
+        _np_flat(out.detach().contiguous()), _np_flat(d_out.detach().contiguous()), t, out.shape[-1], float(scale),
+        _FLOAT_DTYPES[dtype], _threads(),
+    )
+    return (scores, dp) if inplace else (p, ds)
 
 
 _scratch = threading.local()

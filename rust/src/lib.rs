@@ -8,6 +8,7 @@
 
 pub mod adamw;
 pub mod adamw8;
+pub mod attn_grad;
 pub mod blockwise8;
 pub mod codebook;
 pub mod cpu;
@@ -562,6 +563,40 @@ mod bindings {
         by_dtype!(dtype, go(py, isa, logits, vocab, t, ignore_index, grad, lse, loss, threads))
     }
 
+    #[pyfunction]
+    #[pyo3(signature = (scores, dp, lse, out, d_out, keys, head_dim, scale, dtype, threads, isa=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn causal_softmax_grad(
+        py: Python<'_>,
+        scores: &Bound<'_, PyAny>,
+        dp: &Bound<'_, PyAny>,
+        lse: PyReadonlyArray1<'_, f32>,
+        out: &Bound<'_, PyAny>,
+        d_out: &Bound<'_, PyAny>,
+        keys: usize,
+        head_dim: usize,
+        scale: f32,
+        dtype: &str,
+        threads: usize,
+        isa: Option<&str>,
+    ) -> PyResult<()> {
+        type A<'a, 'py> = &'a Bound<'py, PyAny>;
+        #[allow(clippy::too_many_arguments)]
+        fn go<E: FromNumpy>(
+            py: Python<'_>, isa: Isa, scores: A, dp: A, lse: &[f32], out: A, d_out: A, keys: usize,
+            head_dim: usize, scale: f32, threads: usize,
+        ) -> PyResult<()> {
+            let (mut sa, mut da) = (write::<E>(scores)?, write::<E>(dp)?);
+            let (oa, ga) = (read::<E>(out)?, read::<E>(d_out)?);
+            let (s, d) = (elems_mut::<E>(&mut sa, "scores")?, elems_mut::<E>(&mut da, "dp")?);
+            let (o, g) = (elems::<E>(&oa, "out")?, elems::<E>(&ga, "d_out")?);
+            run(py, || crate::attn_grad::causal_softmax_grad(isa, s, d, lse, o, g, keys, head_dim, scale, threads))
+        }
+        let isa = parse_isa(isa)?;
+        let lse = slice(&lse, "lse")?;
+        by_dtype!(dtype, go(py, isa, scores, dp, lse, out, d_out, keys, head_dim, scale, threads))
+    }
+
     /// p and g of an optimizer step: float32, or bfloat16 as int16 bits.
     enum Param<'py> {
         F32(PyReadwriteArray1<'py, f32>, PyReadonlyArray1<'py, f32>),
@@ -856,6 +891,7 @@ mod bindings {
         m.add_function(wrap_pyfunction!(swiglu_backward, m)?)?;
         m.add_function(wrap_pyfunction!(rmsnorm_backward, m)?)?;
         m.add_function(wrap_pyfunction!(cross_entropy_grad, m)?)?;
+        m.add_function(wrap_pyfunction!(causal_softmax_grad, m)?)?;
         m.add_function(wrap_pyfunction!(adamw_step, m)?)?;
         m.add_function(wrap_pyfunction!(adamw8_step, m)?)?;
         m.add_class::<PagedState>()?;

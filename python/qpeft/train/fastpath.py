@@ -22,6 +22,10 @@ values as transformers:
   (``recompute_mlp``): it holds 10 of the 17 MB a SmolLM2 layer keeps per
   1,024 tokens, while its recomputation costs about a sixth of the step, less
   than the whole-layer gradient checkpointing of transformers;
+* causal self-attention keeps PyTorch's flash-attention forward but takes
+  its backward from recomputed scores (:mod:`qpeft.train.attention`), a
+  quarter of the time of the CPU flash-attention backward
+  (``dense_attention_backward``);
 * freed heap memory is handed back to the OS every few decoder layers in
   forward and backward (:mod:`qpeft.train.heap`), so fragmentation does not
   double what the step keeps resident.
@@ -58,7 +62,7 @@ _DECODER_LAYERS = {"LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer"
 #: Decoder layers between two returns of free heap memory to the OS (forward and backward).
 TRIM_EVERY = 5
 #: Whether the fast path switches attention to :mod:`qpeft.train.attention` by default.
-DENSE_ATTENTION_BACKWARD = False
+DENSE_ATTENTION_BACKWARD = True
 
 
 class FusedRMSNorm(torch.autograd.Function):
@@ -188,7 +192,8 @@ def enable_fast_path(model: nn.Module, recompute_mlp: bool = True, trim_every: i
     between returns of free heap memory to the OS (0: never);
     ``dense_attention_backward`` computes unmasked causal attention's backward
     from recomputed scores (:mod:`qpeft.train.attention`) instead of PyTorch's
-    CPU flash-attention backward.
+    CPU flash-attention backward (masked, padded or decoding attention keeps
+    transformers' own path).
 
     Returns the names of what was switched on (empty for models it does not
     know). Forward values are unchanged; only what backward keeps and how it
