@@ -278,17 +278,42 @@ def test_dense_backward_attention_in_a_model(tiny_llama_dir, monkeypatch):
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, plain.config.vocab_size, (2, 11), generator=g)
     full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    # Right padding: the mask is dropped (causal attention already hides the
+    # padding from real tokens), so the fast attention runs and the answer is the same.
     padded = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    padded["attention_mask"][1, 7:] = 0  # a mask: transformers' SDPA path, same answer
+    padded["attention_mask"][1, 7:] = 0
     padded["labels"][1, 7:] = -100
-    for batch, layers_taking_it in ((full, plain.config.num_hidden_layers), (padded, 0)):
-        ref_loss, ref_grads = _loss_and_grads(plain, batch)
+    # Left padding: a real mask, transformers' SDPA path, same answer.
+    left = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    left["attention_mask"][1, :4] = 0
+    left["labels"][1, :4] = -100
+    layers = plain.config.num_hidden_layers
+    import qpeft.train.evaluate as ev
+
+    for batch, layers_taking_it in ((full, layers), (padded, layers), (left, 0)):
+        # The reference: transformers' own forward with the mask, logits and cross-entropy.
+        with monkeypatch.context() as m:
+            m.setattr(ev, "lm_loss_sum", lambda model, batch: None)
+            ref_loss, ref_grads = _loss_and_grads(plain, batch)
         calls.clear()
         loss, grads = _loss_and_grads(fast, batch)
         assert len(calls) == layers_taking_it
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
         for k, ref in ref_grads.items():
             assert (grads[k] - ref).norm() <= 1e-4 * ref.norm().clamp_min(1e-12), k
+
+
+def test_right_padding_only_recognises_only_ones_then_zeros():
+    from qpeft.train.fastpath import _right_padding_only
+
+    assert _right_padding_only(torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    assert _right_padding_only(torch.tensor([[0, 0, 0]]))  # an empty row has nothing to hide
+    assert not _right_padding_only(torch.tensor([[0, 1, 1]]))  # left padding
+    assert not _right_padding_only(torch.tensor([[1, 0, 1]]))
+    assert not _right_padding_only(torch.tensor([[1, 2, 0]]))
+    assert not _right_padding_only(torch.ones(1, 1, 3, 3))  # a 4-D (e.g. packed) mask
+    assert not _right_padding_only(torch.ones(2, 3))  # float masks are additive biases
+    assert not _right_padding_only(None)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -31,7 +31,10 @@ values as transformers:
   double what the step keeps resident.
 
 and :func:`lm_loss_sum` computes the loss from the last hidden states with
-:class:`~qpeft.train.chunked_loss.ChunkedLMLoss`, never forming the logits.
+:class:`~qpeft.train.chunked_loss.ChunkedLMLoss`, never forming the logits
+(a right-padding mask is dropped there: causal attention already hides the
+padding from every real token, and without a mask attention takes the fast
+causal kernels).
 Models this does not know are left alone (the loss then takes the ordinary
 path), so the fast path is an optimization, never a requirement.
 """
@@ -254,6 +257,16 @@ def lm_parts(model: nn.Module) -> Optional[tuple[nn.Module, torch.Tensor]]:
     return body, head.weight
 
 
+def _right_padding_only(mask: Any) -> bool:
+    """Whether ``mask`` is a ``[batch, length]`` padding mask whose rows are ones then zeros."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.dtype.is_floating_point or mask.is_complex():
+        return False
+    if mask.numel() == 0:
+        return True
+    m = mask.to(torch.int8)
+    return bool(((m == 0) | (m == 1)).all()) and bool((m[:, 1:] <= m[:, :-1]).all())
+
+
 def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> Optional[tuple[torch.Tensor, int]]:
     """(summed loss, target tokens) through :func:`lm_parts` and the chunked loss, or None
     when the model does not allow it."""
@@ -262,5 +275,11 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> Optional[tu
         return None
     body, weight = parts
     inputs: dict[str, Any] = {k: v for k, v in batch.items() if k != "labels"}
+    if _right_padding_only(inputs.get("attention_mask")) and "position_ids" not in inputs:
+        # Causal attention never lets a real token see the padding after it,
+        # and padded positions carry no loss: without the mask, attention is
+        # plain causal (the fast kernels), and the loss and gradients are those
+        # of the masked model.
+        del inputs["attention_mask"]
     hidden = body(**inputs, use_cache=False)[0]
     return chunked_lm_loss_sum(hidden, weight, batch["labels"])
