@@ -14,6 +14,10 @@ Two workloads, each run by both implementations in this one invocation:
    the bfloat16 model, PEFT's is transformers' ``BitsAndBytesConfig`` load
    followed by ``peft.get_peft_model`` (no ``prepare_model_for_kbit_training``:
    its float32 upcast and gradient checkpointing would change the work).
+   qpeft's step is the one its SFT trainer takes: ``qpeft.train.enable_fast_path``
+   (fused norm/MLP/attention backward, MLP recomputed in backward) and
+   ``qpeft.train.token_loss_sum`` (the chunked loss, no full logits); the
+   mean token loss is the same objective as PEFT's ``labels=`` loss.
 
 ``--dtype float32`` uses float32 activations/compute instead (for CPUs
 without fast bfloat16).
@@ -163,9 +167,12 @@ def _model_setup(impl: str, batch: int, length: int, r: int, dtype: torch.dtype)
         from qpeft import quantize_model
         from qpeft.tuners import LoraConfig, get_peft_model
 
+        from qpeft.train import enable_fast_path
+
         model, _ = hf.load_model(dtype=dtype)
         model = get_peft_model(quantize_model(model, compute_dtype=dtype),
                                LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+        enable_fast_path(model)  # what qpeft's SFT trainer runs
     else:
         import transformers
 
@@ -185,7 +192,13 @@ def _model_setup(impl: str, batch: int, length: int, r: int, dtype: torch.dtype)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
+        if impl == "qpeft":
+            from qpeft.train import token_loss_sum
+
+            loss, n = token_loss_sum(model, {"input_ids": ids, "labels": ids})
+            (loss / n).backward()
+        else:
+            model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
 
     return model, step
