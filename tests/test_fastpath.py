@@ -246,14 +246,19 @@ def test_heap_trim_hooks_run_in_forward_and_backward(tiny_llama_dir, monkeypatch
 
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("t", [1, 7, 33])
-def test_causal_attention_gradients_match_sdpa(groups, t):
+@pytest.mark.parametrize("sliced", [False, True])
+def test_causal_attention_gradients_match_sdpa(groups, t, sliced, monkeypatch):
+    import qpeft.train.attention as attention
     from qpeft.train.attention import causal_attention
 
+    if sliced:  # score buffers for one sequence only: backward goes through the batch one at a time
+        monkeypatch.setattr(attention, "SCORES_BYTES", 2 * groups * t * t * 4)
     g = torch.Generator().manual_seed(t * 10 + groups)
-    q = torch.randn(2, 2 * groups, t, 16, generator=g, dtype=torch.float64).requires_grad_()
-    k = torch.randn(2, 2, t, 16, generator=g, dtype=torch.float64).requires_grad_()
-    v = torch.randn(2, 2, t, 16, generator=g, dtype=torch.float64).requires_grad_()
-    d_out = torch.randn(2, 2 * groups, t, 16, generator=g, dtype=torch.float64)
+    q = torch.randn(3, 2 * groups, t, 16, generator=g, dtype=torch.float64).requires_grad_()
+    # Key and value as transformers passes them: non-contiguous views.
+    k = torch.randn(3, t, 2, 16, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    v = torch.randn(3, t, 2, 16, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    d_out = torch.randn(3, 2 * groups, t, 16, generator=g, dtype=torch.float64)
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
                                          is_causal=True)
     ref_grads = torch.autograd.grad(ref, (q, k, v), d_out)
@@ -263,6 +268,24 @@ def test_causal_attention_gradients_match_sdpa(groups, t):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_whose_scores_do_not_fit_keeps_sdpa(monkeypatch):
+    import qpeft.train.attention as attention
+
+    calls = []
+    real = attention.causal_attention
+    monkeypatch.setattr(attention, "causal_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(attention, "SCORES_BYTES", 4 * 8 * 8 * 4 - 1)  # one [4 heads, 8, 8] float32 sequence, less a byte
+    q = torch.randn(1, 4, 8, 16, requires_grad=True)
+    k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    out, _ = attention._attention_forward(module, q, k, v, None)
+    assert calls == [] and out.shape == (1, 8, 4, 16)
+    monkeypatch.setattr(attention, "SCORES_BYTES", 4 * 8 * 8 * 4)
+    attention._attention_forward(module, q, k, v, None)
+    assert calls == [1]
 
 
 def test_dense_backward_attention_in_a_model(tiny_llama_dir, monkeypatch):

@@ -9,8 +9,10 @@ forward (and what it saves: the output and one log-sum-exp per query) and
 computes backward from recomputed scores: four batched matmuls in the compute
 dtype around :func:`qpeft.functional.causal_softmax_grad`, which forms the
 probabilities and the score gradient in float32 in one pass per query row
-(about 5 ms per layer in all; the same algebra as a dozen torch operations
-took 23 ms).
+(backward about 7 ms per layer; the same algebra as a dozen torch
+operations took 21 ms). The two score-sized buffers are reused from layer
+to layer (:data:`SCORES_BYTES` at most; longer sequences keep flash
+attention's backward).
 """
 
 from __future__ import annotations
@@ -29,12 +31,22 @@ __all__ = ["CausalAttention", "IMPLEMENTATION", "causal_attention", "use_dense_b
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _scratch = threading.local()
 
+#: Bytes of each of the two [T, T] score buffers backward keeps per thread. Backward
+#: goes through the batch in slices that fit; attention whose single sequence
+#: does not fit (about T > 1,300 for 9 bf16 heads) keeps PyTorch's flash backward.
+SCORES_BYTES = 32 << 20
+
+
+def _scores_fit(heads: int, t: int, dtype: torch.dtype) -> bool:
+    return heads * t * t * dtype.itemsize <= SCORES_BYTES
+
 
 def _scratch_pair(shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Two tensors of ``shape`` in this thread's buffers (grown to the largest seen), valid until its next call."""
     n = math.prod(shape)
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.dtype != dtype or buf.numel() < 2 * n:
+        _scratch.buf = None  # let the old one go before the new one exists
         buf = _scratch.buf = torch.empty(2 * n, dtype=dtype)
     return buf[:n].view(shape), buf[n:2 * n].view(shape)
 
@@ -60,20 +72,28 @@ class CausalAttention(torch.autograd.Function):
         # Query heads of one key/value head side by side: [B, Hkv, G*T, D].
         qg = q.reshape(b, hkv, g * t, d)
         dog = d_out.to(q.dtype).reshape(b, hkv, g * t, d)
-        # Both [T, T] matrices live in this thread's reused buffers (fresh
-        # multi-MB tensors per layer cost page faults once freed memory goes back to the OS).
-        scores, dp = _scratch_pair((b, hkv, g * t, t), q.dtype)
-        torch.matmul(qg, k.transpose(-1, -2), out=scores)
-        torch.matmul(dog, v.transpose(-1, -2), out=dp)
-        p, ds = functional.causal_softmax_grad(
-            scores.view(b, hkv, g, t, t), dp.view(b, hkv, g, t, t), lse.view(b, hkv, g, t),
-            out.to(q.dtype).reshape(b, hkv, g, t, d), dog.view(b, hkv, g, t, d), ctx.scale, inplace=True,
-        )
-        pc, ds = p.view(b, hkv, g * t, t), ds.view(b, hkv, g * t, t)
-        dv = torch.matmul(pc.transpose(-1, -2), dog)
-        dq = torch.matmul(ds, k).view(b, h, t, d)
-        dk = torch.matmul(ds.transpose(-1, -2), qg)
-        return dq, dk, dv, None
+        og = out.to(q.dtype).reshape(b, hkv, g, t, d)
+        lg = lse.reshape(b, hkv, g, t)
+        dq, dk, dv = torch.empty_like(qg), torch.empty(k.shape, dtype=k.dtype), torch.empty(v.shape, dtype=v.dtype)
+        # The [T, T] matrices live in this thread's reused buffers (fresh
+        # multi-MB tensors per layer cost page faults once freed memory goes
+        # back to the OS), a slice of the batch at a time.
+        step = max(1, SCORES_BYTES // (h * t * t * q.dtype.itemsize))
+        for b0 in range(0, b, step):
+            sl = slice(b0, min(b, b0 + step))
+            nb = sl.stop - b0
+            scores, dp = _scratch_pair((nb, hkv, g * t, t), q.dtype)
+            torch.matmul(qg[sl], k[sl].transpose(-1, -2), out=scores)
+            torch.matmul(dog[sl], v[sl].transpose(-1, -2), out=dp)
+            p, ds = functional.causal_softmax_grad(
+                scores.view(nb, hkv, g, t, t), dp.view(nb, hkv, g, t, t), lg[sl], og[sl],
+                dog[sl].view(nb, hkv, g, t, d), ctx.scale, inplace=True,
+            )
+            pc, ds = p.view(nb, hkv, g * t, t), ds.view(nb, hkv, g * t, t)
+            torch.matmul(pc.transpose(-1, -2), dog[sl], out=dv[sl])
+            torch.matmul(ds, k[sl], out=dq[sl])
+            torch.matmul(ds.transpose(-1, -2), qg[sl], out=dk[sl])
+        return dq.view(b, h, t, d), dk, dv, None
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
@@ -93,7 +113,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout: float
     plain_causal = (
         attention_mask is None and dropout == 0.0 and t > 1 and key.shape[2] == t and query.device.type == "cpu"
         and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
-        and query.shape[1] % key.shape[1] == 0
+        and query.shape[1] % key.shape[1] == 0 and _scores_fit(query.shape[1], t, query.dtype)
         and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
         and not kwargs.get("output_attentions", False)
         and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
