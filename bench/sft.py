@@ -17,6 +17,14 @@ RSS is its own) within this one invocation:
 * ``hf``: the same without gradient checkpointing.
 * ``trl``: TRL's ``SFTTrainer`` on the ``hf-ckpt`` model (if trl is installed).
 
+By default the processes run in lock step (``--schedule lockstep``): all are
+started and load their models, then they take turns, one training step at a
+time (the first contender of each round rotating), so that every contender
+meets the same share of a shared machine's slow and quiet moments; steps never
+overlap, and each process's peak RSS is still its own. ``--schedule
+sequential`` runs one process after the other instead (one model in memory at
+a time).
+
 Printed: median step time after warm-up, tokens/s, peak RSS, loss after the
 last step and ratios against ``hf-ckpt``. The last line reads
 ``ratio tokens/s X.XX peak-rss Y.YY`` (qpeft over ``hf-ckpt``).
@@ -119,13 +127,46 @@ def hf_model(checkpointing: bool, compute_dtype: str = "auto"):
     return get_peft_model(model, lora)
 
 
-def run_loop(model, step_fn, rows, batch: int, steps: int) -> tuple[list[float], list[float]]:
+class Turns:
+    """A worker's side of the lock step: wait for the driver's turn before a
+    step, report after it (one line each way on stdin/stdout). Without a
+    driver (``--schedule sequential``) both are no-ops."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        if enabled:
+            # The protocol keeps the real stdout; anything the libraries print
+            # (TRL prints its logs) goes to stderr instead.
+            self.channel = os.fdopen(os.dup(1), "w")
+            sys.stdout.flush()
+            os.dup2(2, 1)
+
+    def ready(self) -> None:
+        self._say("ready")
+
+    def wait(self) -> None:
+        if self.enabled and sys.stdin.readline().strip() != "go":
+            raise SystemExit("bench driver went away")
+
+    def done(self) -> None:
+        self._say("done")
+
+    def _say(self, word: str) -> None:
+        if self.enabled:
+            self.channel.write(word + "\n")
+            self.channel.flush()
+
+
+def run_loop(model, step_fn, rows, batch: int, steps: int, turns: Turns) -> tuple[list[float], list[float]]:
     times, losses = [], []
+    turns.ready()
     for i in range(steps):
         x = rows[i * batch:(i + 1) * batch]
+        turns.wait()
         t0 = time.perf_counter()
         losses.append(step_fn(x))
         times.append(time.perf_counter() - t0)
+        turns.done()
         print(f"  step {i + 1}/{steps} {times[-1]:.2f}s loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
     return times, losses
 
@@ -181,7 +222,7 @@ def worker(name: str, args) -> dict:
         after_step()
         return float(loss.detach())
 
-    times, losses = run_loop(model, step, rows, args.batch, args.steps)
+    times, losses = run_loop(model, step, rows, args.batch, args.steps, Turns(args.lockstep))
     return {"name": name, "step_s": times, "losses": losses, "peak_rss_gb": peak_rss_gb(), "load_s": load_s}
 
 
@@ -197,12 +238,19 @@ def trl_worker(rows, args, t_load) -> dict:
     times: list[float] = []
     losses: list[float] = []
 
+    turns = Turns(args.lockstep)
+
     class Clock(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            turns.ready()
+
         def on_step_begin(self, *a, **k):
+            turns.wait()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t0)
+            turns.done()
             print(f"  step {len(times)}/{args.steps} {times[-1]:.2f}s", file=sys.stderr, flush=True)
 
         def on_log(self, _args, _state, _control, logs=None, **k):
@@ -225,6 +273,38 @@ def trl_worker(rows, args, t_load) -> dict:
 # ------------------------------------------------------------------ driver
 
 
+def lockstep(names: list[str], command, steps: int, env: dict) -> list[str]:
+    """Start every contender, then hand out turns one step at a time; returns the names that finished."""
+    print(f"{', '.join(names)}: loading, then {steps} steps each in turn ...", flush=True)
+    procs = {n: subprocess.Popen(command(n) + ["--lockstep"], env=env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True) for n in names}
+    alive = [n for n in names if procs[n].stdout.readline().strip() == "ready"]
+    for i in range(steps):
+        # Rotate who goes first, so that no contender always follows the same one.
+        for name in (alive[i % len(alive):] + alive[:i % len(alive)]) if alive else []:
+            p = procs[name]
+            try:
+                p.stdin.write("go\n")
+                p.stdin.flush()
+                ok = p.stdout.readline().strip() == "done"
+            except BrokenPipeError:
+                ok = False
+            if not ok:
+                alive.remove(name)
+    finished = []
+    for name, p in procs.items():
+        try:
+            p.stdin.close()
+        except BrokenPipeError:
+            pass
+        code = p.wait()
+        if code != 0 or name not in alive:
+            print(f"{name}: failed with exit code {code}", flush=True)
+        else:
+            finished.append(name)
+    return finished
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
@@ -238,6 +318,10 @@ def main() -> None:
                          "the Hugging Face contenders then compute in float32 too)")
     ap.add_argument("--isa", default=None, choices=("avx2",),
                     help="simulate an AVX2 CPU for every contender (QPEFT_MAX_ISA, ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)")
+    ap.add_argument("--schedule", default="lockstep", choices=("lockstep", "sequential"),
+                    help="lockstep: all processes loaded, taking turns step by step (default); "
+                         "sequential: one process after the other")
+    ap.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -260,24 +344,30 @@ def main() -> None:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads))
     if args.isa:
         env.update(QPEFT_MAX_ISA="avx2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
-    results = {}
-    for name in names:
-        if name == "trl":
-            try:
-                import trl  # noqa: F401
-            except ImportError:
-                print("trl: not installed (pip install trl datasets); skipped", flush=True)
-                continue
-        print(f"{name}: running {args.steps} steps ...", flush=True)
-        out = tmp / f"{name}.json"
-        cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--result", str(out),
-               "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
-               "--threads", str(args.threads), "--compute-dtype", args.compute_dtype]
-        proc = subprocess.run(cmd, env=env)
-        if proc.returncode != 0:
-            print(f"{name}: failed with exit code {proc.returncode}", flush=True)
-            continue
-        results[name] = json.loads(out.read_text())
+    if "trl" in names:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            print("trl: not installed (pip install trl datasets); skipped", flush=True)
+            names.remove("trl")
+
+    def command(name: str) -> list[str]:
+        return [sys.executable, __file__, "--worker", name, "--data", str(data), "--result", str(tmp / f"{name}.json"),
+                "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
+                "--threads", str(args.threads), "--compute-dtype", args.compute_dtype]
+
+    finished = []
+    if args.schedule == "sequential":
+        for name in names:
+            print(f"{name}: running {args.steps} steps ...", flush=True)
+            proc = subprocess.run(command(name), env=env)
+            if proc.returncode != 0:
+                print(f"{name}: failed with exit code {proc.returncode}", flush=True)
+            else:
+                finished.append(name)
+    else:
+        finished = lockstep(names, command, args.steps, env)
+    results = {name: json.loads((tmp / f"{name}.json").read_text()) for name in finished}
 
     tokens = args.batch * args.seq
     print()

@@ -225,19 +225,20 @@ def test_recomputed_mlp_keeps_no_mlp_activation(tiny_llama_dir):
     assert len(kept[True]) < len(kept[False])
 
 
-def test_heap_trim_hooks_run_in_forward_and_backward(tiny_llama_dir, monkeypatch):
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_heap_trim_hooks_run_in_forward_and_if_asked_backward(tiny_llama_dir, monkeypatch, in_backward):
     import qpeft.train.fastpath as fastpath
 
     calls = []
     monkeypatch.setattr(fastpath, "release_free_memory", lambda: calls.append(torch.is_grad_enabled()))
     model = _qlora(tiny_llama_dir, torch.float32)
-    assert "heap-trim" in enable_fast_path(model, trim_every=1)
+    assert "heap-trim" in enable_fast_path(model, trim_every=1, trim_in_backward=in_backward)
     enable_fast_path(model, trim_every=1)  # a second call adds no second set of hooks
     ids = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(4))
     _loss_and_grads(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
     layers = model.config.num_hidden_layers
     # One per layer in forward; in backward one per layer whose input needs a gradient (all but the first).
-    assert len(calls) == 2 * layers - 1
+    assert len(calls) == (2 * layers - 1 if in_backward else layers)
     calls.clear()
     with torch.no_grad():
         model(input_ids=ids)
