@@ -1172,8 +1172,8 @@ def causal_softmax_grad(
         if inplace:
             return scores.copy_(p), dp.copy_(ds)
         return p.to(dtype), ds.to(dtype)
-    p = scores.detach() if inplace else scores.detach().contiguous().clone()
-    ds = dp.detach() if inplace else dp.detach().contiguous().clone()
+    p = scores.detach() if inplace else scores.detach().clone(memory_format=torch.contiguous_format)
+    ds = dp.detach() if inplace else dp.detach().clone(memory_format=torch.contiguous_format)
     _native.causal_softmax_grad(
         _np_flat(p), _np_flat(ds), lse.detach().float().contiguous().numpy().reshape(-1),
         _np_flat(out.detach().contiguous()), _np_flat(d_out.detach().contiguous()), t, out.shape[-1], float(scale),

@@ -46,7 +46,7 @@ def _scratch_pair(shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     n = math.prod(shape)
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.dtype != dtype or buf.numel() < 2 * n:
-        _scratch.buf = None  # let the old one go before the new one exists
+        buf = _scratch.buf = None  # let the old one go before the new one exists
         buf = _scratch.buf = torch.empty(2 * n, dtype=dtype)
     return buf[:n].view(shape), buf[n:2 * n].view(shape)
 
