@@ -277,15 +277,18 @@ def test_attention_whose_scores_do_not_fit_keeps_sdpa(monkeypatch):
     calls = []
     real = attention.causal_attention
     monkeypatch.setattr(attention, "causal_attention", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(attention, "SCORES_BYTES", 4 * 8 * 8 * 4 - 1)  # one [4 heads, 8, 8] float32 sequence, less a byte
-    q = torch.randn(1, 4, 8, 16, requires_grad=True)
-    k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    monkeypatch.setattr(attention, "SCORES_BYTES", 4 * 8 * 8 * 2 - 1)  # one [4 heads, 8, 8] bf16 sequence, less a byte
+    q = torch.randn(1, 4, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+    k, v = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16), torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 2, True
     out, _ = attention._attention_forward(module, q, k, v, None)
     assert calls == [] and out.shape == (1, 8, 4, 16)
-    monkeypatch.setattr(attention, "SCORES_BYTES", 4 * 8 * 8 * 4)
+    monkeypatch.setattr(attention, "SCORES_BYTES", 4 * 8 * 8 * 2)
     attention._attention_forward(module, q, k, v, None)
+    assert calls == [1]
+    # float32 keeps PyTorch's flash backward (as fast there).
+    attention._attention_forward(module, q.detach().float().requires_grad_(), k.float(), v.float(), None)
     assert calls == [1]
 
 
@@ -295,6 +298,8 @@ def test_dense_backward_attention_in_a_model(tiny_llama_dir, monkeypatch):
     calls = []
     real = attention.causal_attention
     monkeypatch.setattr(attention, "causal_attention", lambda *a: calls.append(1) or real(*a))
+    # float32, where the answers can be compared tightly (by default only 16-bit attention takes it).
+    monkeypatch.setattr(attention, "DTYPES", (torch.float32,))
     plain = _qlora(tiny_llama_dir, torch.float32)
     fast = copy.deepcopy(plain)
     assert "dense-attention-backward" in enable_fast_path(fast, dense_attention_backward=True)
