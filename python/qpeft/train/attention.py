@@ -42,8 +42,9 @@ SCORES_BYTES = 32 << 20
 DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _scores_fit(heads: int, t: int, dtype: torch.dtype) -> bool:
-    return heads * t * t * dtype.itemsize <= SCORES_BYTES
+def _sequence_scores_bytes(heads: int, t: int, dtype: torch.dtype) -> int:
+    """Bytes of one sequence's [heads, T, T] score matrix."""
+    return heads * t * t * dtype.itemsize
 
 
 def _scratch_pair(shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +84,7 @@ class CausalAttention(torch.autograd.Function):
         # The [T, T] matrices live in this thread's reused buffers (fresh
         # multi-MB tensors per layer cost page faults once freed memory goes
         # back to the OS), a slice of the batch at a time.
-        step = max(1, SCORES_BYTES // (h * t * t * q.dtype.itemsize))
+        step = max(1, SCORES_BYTES // _sequence_scores_bytes(h, t, q.dtype))
         for b0 in range(0, b, step):
             sl = slice(b0, min(b, b0 + step))
             nb = sl.stop - b0
@@ -118,7 +119,7 @@ def _attention_forward(module, query, key, value, attention_mask, dropout: float
     plain_causal = (
         attention_mask is None and dropout == 0.0 and t > 1 and key.shape[2] == t and query.device.type == "cpu"
         and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
-        and query.dtype in DTYPES and query.shape[1] % key.shape[1] == 0 and _scores_fit(query.shape[1], t, query.dtype)
+        and query.dtype in DTYPES and query.shape[1] % key.shape[1] == 0 and _sequence_scores_bytes(query.shape[1], t, query.dtype) <= SCORES_BYTES
         and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
         and not kwargs.get("output_attentions", False)
         and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)

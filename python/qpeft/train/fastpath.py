@@ -64,7 +64,7 @@ _MLPS = {"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP"}
 _PLAIN_HEAD_TYPES = {"llama", "qwen2", "qwen3", "mistral", "gpt2"}
 _DECODER_LAYERS = {"LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer"}
 
-#: Decoder layers between two returns of free heap memory to the OS (forward and backward).
+#: Decoder layers between two returns of free heap memory to the OS (in forward; in backward too with ``trim_in_backward``).
 TRIM_EVERY = 5
 #: Whether the fast path switches attention to :mod:`qpeft.train.attention` by default.
 DENSE_ATTENTION_BACKWARD = True
