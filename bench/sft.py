@@ -109,14 +109,15 @@ def init_lora(model, seed: int) -> None:
 
 
 def hf_model(checkpointing: bool, compute_dtype: str = "auto"):
-    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from qpeft import hf
+    from qpeft.train import resolve_compute_dtype
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    # bf16 compute, as the issue's reference; fp32 where qpeft is told fp32
-    # (a CPU without bf16, where bitsandbytes' bf16 path would be emulated).
-    dtype = torch.float32 if compute_dtype == "float32" else torch.bfloat16
+    # The compute dtype qpeft resolves: bf16 (the issue's reference) where the
+    # CPU runs it natively, else fp32, as a user there would choose (without
+    # bf16 hardware a bf16 matmul falls to a path hundreds of times slower).
+    dtype = resolve_compute_dtype(compute_dtype)
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(hf.model_folder(), quantization_config=q, dtype=dtype)

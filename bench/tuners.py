@@ -167,12 +167,13 @@ def _model_setup(impl: str, batch: int, length: int, r: int, dtype: torch.dtype)
         from qpeft import quantize_model
         from qpeft.tuners import LoraConfig, get_peft_model
 
-        from qpeft.train import enable_fast_path
+        from qpeft.train import TrainConfig, enable_fast_path
 
         model, _ = hf.load_model(dtype=dtype)
         model = get_peft_model(quantize_model(model, compute_dtype=dtype),
                                LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
-        enable_fast_path(model)  # what qpeft's SFT trainer runs
+        # What qpeft's SFT trainer runs, with its default recompute choice for this dtype.
+        enable_fast_path(model, recompute_mlp=TrainConfig().recomputes_mlp(dtype))
     else:
         import transformers
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qpeft.train.chunked_loss import ChunkedLMLoss, chunked_lm_loss_sum
+from qpeft.train.chunked_loss import ChunkedLMLoss, chunk_rows, chunked_lm_loss_sum
 from qpeft.train.fastpath import FusedRMSNorm, FusedSwiGLU, enable_fast_path, lm_loss_sum, lm_parts
 
 transformers = pytest.importorskip("transformers")
@@ -50,6 +50,16 @@ def test_chunked_loss_matches_cross_entropy(dtype, rows, train_weight):
         torch.testing.assert_close(w.grad.float(), 0.37 * gw.float(), **tol)
     else:
         assert w.grad is None
+
+
+def test_chunk_rows_per_compute_dtype():
+    # float32 chunks stay under glibc's 32 MiB mmap threshold; 16-bit ones keep
+    # the size the bf16 path's memory plan was calibrated on.
+    assert chunk_rows(49152) == chunk_rows(49152, torch.float32) == 170
+    assert 170 * 49152 * 4 < 32 << 20
+    assert chunk_rows(49152, torch.bfloat16) == chunk_rows(49152, torch.float16) == 85
+    assert chunk_rows(10**7) == 16  # a floor for huge vocabularies
+    assert chunk_rows(1000, chunk_bytes=4000 * 20) == 20
 
 
 def test_chunked_loss_under_no_grad_matches_cross_entropy():

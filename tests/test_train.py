@@ -52,6 +52,41 @@ def test_config_validation_and_files(tmp_path):
         TrainConfig.from_file(path)
 
 
+def test_recompute_mlp_setting_resolves_per_dtype():
+    with pytest.raises(ValueError, match="recompute_mlp must be one of"):
+        TrainConfig(recompute_mlp="yes")
+    auto = TrainConfig()
+    assert auto.recomputes_mlp(torch.bfloat16) and auto.recomputes_mlp(torch.float16)
+    assert not auto.recomputes_mlp(torch.float32)
+    assert TrainConfig(recompute_mlp="on").recomputes_mlp(torch.float32)
+    assert not TrainConfig(recompute_mlp="off").recomputes_mlp(torch.bfloat16)
+    # Whole-layer checkpointing recomputes the block anyway.
+    assert not TrainConfig(recompute_mlp="on", gradient_checkpointing=True).recomputes_mlp(torch.bfloat16)
+
+
+@pytest.mark.parametrize("setting", ["auto", "on", "off"])
+def test_build_model_and_plan_follow_recompute_mlp(tok, setting):
+    from qpeft.train import fastpath
+    from qpeft.train.plan import plan_memory
+    from qpeft.train.trainer import build_model
+
+    cfg = TrainConfig(compute_dtype="float32", recompute_mlp=setting, lora_r=4)
+    model, _ = build_model(cfg, torch.float32, model=_tiny(tok), tokenizer=tok)
+    recomputed = [getattr(layer.mlp.forward, "__func__", None) is fastpath._recomputed_mlp_forward
+                  for layer in model.get_base_model().model.layers]
+    assert recomputed == [setting == "on"] * 2
+    plan = plan_memory(TrainConfig(compute_dtype="float32", recompute_mlp=setting), baseline=0.0)
+    notes = " ".join(plan.notes)
+    if setting == "on":
+        assert "one layer recomputed in backward" in plan.items and "recomputed in backward" in notes
+    else:
+        assert "one layer recomputed in backward" not in plan.items and "kept for backward" in notes
+    # Keeping the blocks costs more activation memory than it saves in recompute scratch.
+    on = plan_memory(TrainConfig(compute_dtype="float32", recompute_mlp="on"), baseline=0.0)
+    off = plan_memory(TrainConfig(compute_dtype="float32", recompute_mlp="off"), baseline=0.0)
+    assert off.train_peak > on.train_peak
+
+
 @pytest.mark.parametrize("method", ["qlora", "lora", "adapter"])
 def test_a_short_run_writes_everything(tok, tmp_path, method):
     cfg = _cfg(tmp_path, method=method)

@@ -10,11 +10,12 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from .config import METHODS, OPTIMIZERS, TrainConfig
+from .config import METHODS, OPTIMIZERS, RECOMPUTE_MLP, TrainConfig
 
 __all__ = ["add_train_parser", "add_generate_parser", "add_eval_parser", "add_merge_parser", "add_plan_parser"]
 
 _CHOICES = {"method": METHODS, "optimizer": OPTIMIZERS, "compute_dtype": ("auto", "bfloat16", "float32"),
+            "recompute_mlp": RECOMPUTE_MLP,
             "template": ("course", "alpaca", "chat"),
             "format": ("auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text")}
 _HELP = {
@@ -33,6 +34,7 @@ _HELP = {
     "max_grad_norm": "gradient clipping norm (0: off)",
     "compute_dtype": "matmul dtype (auto: bfloat16 where the hardware has it)",
     "gradient_checkpointing": "recompute activations in backward (less memory, slower)",
+    "recompute_mlp": "recompute feed-forward blocks in backward on the fast path (auto: with 16-bit compute)",
     "target_modules": "LoRA targets: all-linear, a regex, or module name suffixes",
     "eval_every": "evaluate every N steps (0: only before and after)",
     "eval_examples": "held-out examples per evaluation", "max_new_tokens": "tokens generated per answer",

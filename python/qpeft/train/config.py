@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["FOUR_BIT_METHODS", "METHODS", "OPTIMIZERS", "PROMPT_METHODS", "TrainConfig"]
+__all__ = ["FOUR_BIT_METHODS", "METHODS", "OPTIMIZERS", "PROMPT_METHODS", "RECOMPUTE_MLP", "TrainConfig"]
 
 #: Prompt tuning, P-tuning and prefix tuning, each on a 4-bit base.
 PROMPT_METHODS = ("prompt", "ptuning", "prefix")
@@ -17,6 +17,8 @@ METHODS = ("qlora", "lora", "adapter") + PROMPT_METHODS
 FOUR_BIT_METHODS = ("qlora", "adapter") + PROMPT_METHODS
 #: Optimizers by name; "torch" is ``torch.optim.AdamW``.
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit", "torch")
+
+RECOMPUTE_MLP = ("auto", "on", "off")
 
 
 @dataclass
@@ -77,6 +79,7 @@ class TrainConfig:
     compute_dtype: str = "auto"
     gradient_checkpointing: bool = False
     fast_path: bool = True
+    recompute_mlp: str = "auto"
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -100,6 +103,16 @@ class TrainConfig:
             self.data = [self.data]
         self.validate()
 
+    def recomputes_mlp(self, dtype: Any) -> bool:
+        """Whether the fast path recomputes the feed-forward blocks in backward
+        for compute dtype ``dtype`` (``recompute_mlp`` resolved; never with
+        gradient checkpointing, which recomputes whole layers)."""
+        import torch
+
+        if self.gradient_checkpointing or self.recompute_mlp == "off":
+            return False
+        return self.recompute_mlp == "on" or dtype != torch.float32
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
         def need(cond: bool, msg: str) -> None:
@@ -108,6 +121,8 @@ class TrainConfig:
 
         need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        need(self.recompute_mlp in RECOMPUTE_MLP,
+             f"recompute_mlp must be one of {RECOMPUTE_MLP}, got {self.recompute_mlp!r}")
         need(self.compute_dtype in ("auto", "bfloat16", "float32"),
              f"compute_dtype must be 'auto', 'bfloat16' or 'float32', got {self.compute_dtype!r}")
         need(not (self.method == "prefix" and self.gradient_checkpointing),

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .. import functional
 from ..tuners.lora_autograd import addmm_into
 
-__all__ = ["RecomputedMLP", "fused_mlp_parts"]
+__all__ = ["RecomputedMLP", "fused_mlp_parts", "rmsnorm_values"]
 
 
 def _lora_parts(layer: Any) -> Optional[tuple]:
@@ -57,11 +57,18 @@ def fused_mlp_parts(norm: Any, mlp: Any) -> Optional[tuple]:
     return (norm.weight, float(norm.variance_epsilon), compute, *parts)
 
 
-def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    # The rounding of transformers' RMSNorm (and of qpeft's FusedRMSNorm).
+def rmsnorm_values(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight * (x * s).to(x.dtype), s)`` with ``s = rsqrt(mean(x^2) + eps)`` in float32:
+    transformers' RMSNorm, bit for bit, with one temporary instead of three
+    (each fresh multi-megabyte tensor costs page faults as well as a pass)."""
     x32 = x.float()
-    scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * (x32 * scale).to(x.dtype), scale
+    buf = x32.pow(2)
+    scale = torch.rsqrt(buf.mean(-1, keepdim=True) + eps)
+    xs = torch.mul(x32, scale, out=buf).to(x.dtype)
+    # weight * xs, computed in place where the result has xs's dtype (products commute exactly).
+    if weight.dtype == xs.dtype and xs.dim() >= 1 and weight.shape == xs.shape[-1:]:
+        return xs.mul_(weight), scale
+    return weight * xs, scale
 
 
 def _lora_out(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> tuple:
@@ -87,12 +94,12 @@ class RecomputedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_w, eps, compute, gate, up, down, *adapters):
         dtype = compute or x.dtype
-        n, scale = _norm(x, norm_w, eps)
+        n, scale = rmsnorm_values(x, norm_w, eps)
         n = n.to(dtype)
         parts = []
         for (wq, qs, _, _, s), (A, B) in zip((gate, up), (adapters[0:2], adapters[2:4])):
             parts.append(_lora_out_4bit(n, wq, qs, A, B, s))
-        h = F.silu(parts[0]) * parts[1]
+        h = F.silu(parts[0]).mul_(parts[1])
         del parts
         wq, qs, _, _, s = down
         out = _lora_out_4bit(h, wq, qs, adapters[4], adapters[5], s)
@@ -112,7 +119,7 @@ class RecomputedMLP(torch.autograd.Function):
         Wu = functional.dequantize_4bit(wu, qu).to(dtype)
         g, ag = _lora_out(n, Wg, Ag, Bg, sg)
         u, au = _lora_out(n, Wu, Au, Bu, su)
-        h = F.silu(g) * u  # exactly the forward's down-projection input
+        h = F.silu(g).mul_(u)  # exactly the forward's down-projection input
         dy = d_out.to(dtype)
         flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
         # Down projection: LoRA gradients, then the input gradient.

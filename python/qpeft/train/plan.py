@@ -178,10 +178,15 @@ def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
     recompute = 0.0
     if fast and not cfg.gradient_checkpointing:
         # Attention half: norm input and output, q, k, v, the attention output,
-        # one log-sum-exp per head, four low-rank products; the MLP half keeps
-        # only its input and is recomputed in backward, one layer at a time.
+        # one log-sum-exp per head, four low-rank products.
         per_token_layer = (3 * h + 2 * q + 2 * kvd) * wbytes + 4 * r * wbytes + 4 * heads
-        recompute = tokens * ((3 * inter + 2 * h) * wbytes + 2 * h * 4)
+        if cfg.recomputes_mlp(dtype):
+            # The MLP half keeps only its input and is recomputed in backward, one layer at a time.
+            recompute = tokens * ((3 * inter + 2 * h) * wbytes + 2 * h * 4)
+        else:
+            # The MLP half keeps the norm's input, output and scale, gate, up and
+            # the down projection's input, and three low-rank products.
+            per_token_layer += (2 * h + 3 * inter) * wbytes + 3 * r * wbytes + 4
     if cfg.gradient_checkpointing:
         per_token_layer = h * wbytes * 2
         recompute = tokens * ((8 * h + 5 * inter) * wbytes + 2 * h * 4)
@@ -191,7 +196,7 @@ def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
         plan.items["one layer recomputed in backward"] = recompute
     if fast:
         # The chunked loss: one chunk of logits (compute dtype, fp32, its gradient) at a time.
-        rows = min(tokens, chunk_rows(vocab))
+        rows = min(tokens, chunk_rows(vocab, dtype))
         logits = rows * vocab * (wbytes + 2 * 4) + tokens * 4
     else:
         # Logits in the compute dtype, then float32 for the loss, its softmax and the gradient.
@@ -225,4 +230,8 @@ def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
             plan.items["checkpoint file pages (mmap)"] = mapped
     plan.notes.append(f"{cfg.batch_size} examples x {seq:.0f} tokens per micro-batch, {dtype} compute".replace(
         "torch.", ""))
+    if fast and not cfg.gradient_checkpointing:
+        plan.notes.append("feed-forward blocks " + ("recomputed in backward (--recompute-mlp on)"
+                                                     if cfg.recomputes_mlp(dtype) else
+                                                     "kept for backward (--recompute-mlp off)"))
     return plan

@@ -130,8 +130,7 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype, model: Any = None, tokeniz
             model = quantize_model(model, compute_dtype=dtype)
         model = get_peft_model(model, cfg.adapter_config())
     if cfg.fast_path:
-        # Whole-layer checkpointing recomputes the MLP anyway.
-        enable_fast_path(model, recompute_mlp=not cfg.gradient_checkpointing)
+        enable_fast_path(model, recompute_mlp=cfg.recomputes_mlp(dtype))
     if cfg.gradient_checkpointing:
         base = model.get_base_model()
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
