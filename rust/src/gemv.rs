@@ -22,9 +22,12 @@
 //!   (block size 32 or 64, or a row that starts mid-block) gets a per-lane
 //!   scale vector. Rows whose K is not a multiple of 128 finish with 32-element
 //!   tiles in natural order (the dequantize tile of nf4.rs).
+//! * AVX2 for any K (and AVX-512 when K % 32 != 0): rows cut at block
+//!   boundaries, each 32-weight run decoded in registers (two permutes and a
+//!   blend per 8 weights from a table scaled once per block) and multiplied
+//!   into 4 accumulators per token; odd starts and short runs one by one.
 //! * Generic Rust for any K (odd K, rows starting mid-byte), which LLVM
-//!   vectorizes: compiled for AVX2 (and for AVX-512 when K % 32 != 0), NEON
-//!   and plain scalar.
+//!   vectorizes: NEON and plain scalar.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -497,9 +500,9 @@ fn kernel(isa: Isa, tiled: bool, nt: usize, p: &Part, x: &[f32], res: &mut [f32]
             }
         },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { by_tokens!(x86::generic_avx512) },
+        Isa::Avx512 => unsafe { by_tokens!(x86::runs_avx2) },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { by_tokens!(x86::generic_avx2) },
+        Isa::Avx2 => unsafe { by_tokens!(x86::runs_avx2) },
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => unsafe { by_tokens!(arm::generic_neon) },
         _ => by_tokens!(generic),
@@ -574,14 +577,99 @@ mod x86 {
     use super::*;
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn generic_avx2<const NT: usize>(p: &Part, x: &[f32], res: &mut [f32]) {
-        generic::<NT>(p, x, res)
+    /// 8 weights from the scaled table halves (`table[code] * scale`): lanes
+    /// whose code has bit 3 set take the upper half (bit 3 moved to the sign
+    /// bit picks it in the blend).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn lookup8(idx: __m256i, t_lo: __m256, t_hi: __m256) -> __m256 {
+        let a = _mm256_permutevar8x32_ps(t_lo, idx);
+        let b = _mm256_permutevar8x32_ps(t_hi, idx);
+        _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx)))
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    pub(super) unsafe fn generic_avx512<const NT: usize>(p: &Part, x: &[f32], res: &mut [f32]) {
-        generic::<NT>(p, x, res)
+    /// The 32 weights of the 16 packed bytes at `q`, in element order (even
+    /// element in the high nibble), as four vectors of 8.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn decode32(q: *const u8, t_lo: __m256, t_hi: __m256) -> [__m256; 4] {
+        let bytes = _mm_loadu_si128(q as *const __m128i);
+        let mask = _mm_set1_epi8(0x0f);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), mask);
+        let lo = _mm_and_si128(bytes, mask);
+        let first = _mm_unpacklo_epi8(hi, lo);
+        let second = _mm_unpackhi_epi8(hi, lo);
+        [
+            lookup8(_mm256_cvtepu8_epi32(first), t_lo, t_hi),
+            lookup8(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(first)), t_lo, t_hi),
+            lookup8(_mm256_cvtepu8_epi32(second), t_lo, t_hi),
+            lookup8(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(second)), t_lo, t_hi),
+        ]
+    }
+
+    /// The generic path's loop with its 32-weight runs decoded in registers:
+    /// two permutes and a blend per 8 weights from a table scaled once per
+    /// block, instead of a pair-table load per 2 weights through a buffer
+    /// (about 5x faster on a Zen 3 EPYC). Odd starts and short runs go one by
+    /// one as in [`generic`]; x is in the natural layout.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn runs_avx2<const NT: usize>(p: &Part, x: &[f32], res: &mut [f32]) {
+        let (k, bs) = (p.k, p.bs);
+        let rows = p.r1 - p.r0;
+        let (t_lo, t_hi) = (_mm256_loadu_ps(p.table.as_ptr()), _mm256_loadu_ps(p.table.as_ptr().add(8)));
+        for (ri, n) in (p.r0..p.r1).enumerate() {
+            let mut acc = [[_mm256_setzero_ps(); 4]; NT];
+            let mut single = [0f32; NT];
+            let e0 = n * k;
+            let end = e0 + k;
+            let mut e = e0;
+            let one = |e: usize, s: f32, single: &mut [f32; NT]| {
+                let byte = p.packed[e / 2];
+                let code = if e.is_multiple_of(2) { byte >> 4 } else { byte & 15 };
+                let v = p.table[code as usize] * s;
+                for (t, a) in single.iter_mut().enumerate() {
+                    *a += v * x[t * p.xs + (e - e0)];
+                }
+            };
+            while e < end {
+                let b = e / bs;
+                let seg_end = end.min((b + 1) * bs);
+                let s = p.sc[b - p.b_lo];
+                if e % 2 == 1 {
+                    one(e, s, &mut single);
+                    e += 1;
+                }
+                if e + SUB <= seg_end {
+                    let sv = _mm256_set1_ps(s);
+                    let (lo, hi) = (_mm256_mul_ps(t_lo, sv), _mm256_mul_ps(t_hi, sv));
+                    // In bounds: e is even and e + SUB <= end, so the 16 bytes
+                    // from e / 2 lie in the packed row.
+                    debug_assert!(e / 2 + SUB / 2 <= p.packed.len());
+                    while e + SUB <= seg_end {
+                        let w = decode32(p.packed.as_ptr().add(e / 2), lo, hi);
+                        let kk = e - e0;
+                        for (t, a) in acc.iter_mut().enumerate() {
+                            let xt = x.as_ptr().add(t * p.xs + kk);
+                            for (i, ai) in a.iter_mut().enumerate() {
+                                *ai = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xt.add(8 * i)), *ai);
+                            }
+                        }
+                        e += SUB;
+                    }
+                }
+                while e < seg_end {
+                    one(e, s, &mut single);
+                    e += 1;
+                }
+            }
+            for (t, a) in acc.iter().enumerate() {
+                let v = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+                let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+                res[t * rows + ri] = _mm_cvtss_f32(h) + single[t];
+            }
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
