@@ -253,13 +253,19 @@ def test_adamw_works_with_lr_scheduler_and_param_groups():
         opt = cls(groups, lr=1e-3, weight_decay=0.05, **kw)
         return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[4e-3, 2e-3], total_steps=60)
 
-    a, b = _mlp(), _mlp()
+    a, b, c = _mlp(), _mlp(), _mlp()
     oa, sa = make(a, torch.optim.AdamW)
     ob, sb = make(b, AdamW)
+    oc, sc = make(c, torch.optim.AdamW, fused=True)
     _train(a, oa, 60, scheduler=sa)
     _train(b, ob, 60, scheduler=sb)
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        assert _rel(pb, pa) < 1e-6
+    _train(c, oc, 60, scheduler=sc)
+    # The suite's criterion against torch's default path (see
+    # _assert_close_to_foreach): on a Zen 3 EPYC torch's own fused AdamW ended
+    # 1.0e-6 from its foreach path here, and qpeft 1.0e-6 to 1.5e-6 (2.7e-7
+    # from the fused one); on the AVX-512 Xeon both stayed under 1e-6.
+    for pa, pb, pc in zip(a.parameters(), b.parameters(), c.parameters()):
+        _assert_close_to_foreach(pb, pa, pc)
     assert ob.param_groups[0]["lr"] == oa.param_groups[0]["lr"]
 
 
