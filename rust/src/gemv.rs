@@ -516,32 +516,54 @@ fn kernel(isa: Isa, tiled: bool, nt: usize, p: &Part, x: &[f32], res: &mut [f32]
 /// Accumulator lanes per token in the generic path (two AVX2 registers).
 const GL: usize = 16;
 
+/// Walks row `n` block by block: an odd first element and whatever is left
+/// of a block after its whole 32-weight runs go one by one into `single`;
+/// `runs(e, seg_end, s)` takes the runs from the even element `e` (scale
+/// `s`) while `e + SUB <= seg_end` and returns where it stopped.
+#[inline(always)]
+fn walk_row<const NT: usize>(
+    p: &Part,
+    x: &[f32],
+    n: usize,
+    single: &mut [f32; NT],
+    mut runs: impl FnMut(usize, usize, f32) -> usize,
+) {
+    let (k, bs) = (p.k, p.bs);
+    let e0 = n * k;
+    let end = e0 + k;
+    let mut e = e0;
+    let one = |e: usize, s: f32, single: &mut [f32; NT]| {
+        let byte = p.packed[e / 2];
+        let code = if e.is_multiple_of(2) { byte >> 4 } else { byte & 15 };
+        let v = p.table[code as usize] * s;
+        for (t, a) in single.iter_mut().enumerate() {
+            *a += v * x[t * p.xs + (e - e0)];
+        }
+    };
+    while e < end {
+        let b = e / bs;
+        let seg_end = end.min((b + 1) * bs);
+        let s = p.sc[b - p.b_lo];
+        if e % 2 == 1 {
+            one(e, s, single);
+            e += 1;
+        }
+        e = runs(e, seg_end, s);
+        while e < seg_end {
+            one(e, s, single);
+            e += 1;
+        }
+    }
+}
+
 #[inline(always)]
 fn generic<const NT: usize>(p: &Part, x: &[f32], res: &mut [f32]) {
-    let (k, bs) = (p.k, p.bs);
     let rows = p.r1 - p.r0;
     for (ri, n) in (p.r0..p.r1).enumerate() {
         let mut acc = [[0f32; GL]; NT];
         let mut single = [0f32; NT];
-        let e0 = n * k;
-        let end = e0 + k;
-        let mut e = e0;
-        let one = |e: usize, s: f32, single: &mut [f32; NT]| {
-            let byte = p.packed[e / 2];
-            let code = if e.is_multiple_of(2) { byte >> 4 } else { byte & 15 };
-            let v = p.table[code as usize] * s;
-            for (t, a) in single.iter_mut().enumerate() {
-                *a += v * x[t * p.xs + (e - e0)];
-            }
-        };
-        while e < end {
-            let b = e / bs;
-            let seg_end = end.min((b + 1) * bs);
-            let s = p.sc[b - p.b_lo];
-            if e % 2 == 1 {
-                one(e, s, &mut single);
-                e += 1;
-            }
+        let e0 = n * p.k;
+        walk_row(p, x, n, &mut single, |mut e, seg_end, s| {
             while e + SUB <= seg_end {
                 let kk = e - e0;
                 let bytes: &[u8; SUB / 2] = p.packed[e / 2..e / 2 + SUB / 2].try_into().unwrap();
@@ -561,11 +583,8 @@ fn generic<const NT: usize>(p: &Part, x: &[f32], res: &mut [f32]) {
                 }
                 e += SUB;
             }
-            while e < seg_end {
-                one(e, s, &mut single);
-                e += 1;
-            }
-        }
+            e
+        });
         for (t, a) in acc.iter().enumerate() {
             res[t * rows + ri] = a.iter().sum::<f32>() + single[t];
         }
@@ -614,54 +633,34 @@ mod x86 {
     /// one as in [`generic`]; x is in the natural layout.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn runs_avx2<const NT: usize>(p: &Part, x: &[f32], res: &mut [f32]) {
-        let (k, bs) = (p.k, p.bs);
         let rows = p.r1 - p.r0;
         let (t_lo, t_hi) = (_mm256_loadu_ps(p.table.as_ptr()), _mm256_loadu_ps(p.table.as_ptr().add(8)));
         for (ri, n) in (p.r0..p.r1).enumerate() {
             let mut acc = [[_mm256_setzero_ps(); 4]; NT];
             let mut single = [0f32; NT];
-            let e0 = n * k;
-            let end = e0 + k;
-            let mut e = e0;
-            let one = |e: usize, s: f32, single: &mut [f32; NT]| {
-                let byte = p.packed[e / 2];
-                let code = if e.is_multiple_of(2) { byte >> 4 } else { byte & 15 };
-                let v = p.table[code as usize] * s;
-                for (t, a) in single.iter_mut().enumerate() {
-                    *a += v * x[t * p.xs + (e - e0)];
+            let e0 = n * p.k;
+            walk_row(p, x, n, &mut single, |mut e, seg_end, s| {
+                if e + SUB > seg_end {
+                    return e;
                 }
-            };
-            while e < end {
-                let b = e / bs;
-                let seg_end = end.min((b + 1) * bs);
-                let s = p.sc[b - p.b_lo];
-                if e % 2 == 1 {
-                    one(e, s, &mut single);
-                    e += 1;
-                }
-                if e + SUB <= seg_end {
-                    let sv = _mm256_set1_ps(s);
-                    let (lo, hi) = (_mm256_mul_ps(t_lo, sv), _mm256_mul_ps(t_hi, sv));
-                    // In bounds: e is even and e + SUB <= end, so the 16 bytes
-                    // from e / 2 lie in the packed row.
-                    debug_assert!(e / 2 + SUB / 2 <= p.packed.len());
-                    while e + SUB <= seg_end {
-                        let w = decode32(p.packed.as_ptr().add(e / 2), lo, hi);
-                        let kk = e - e0;
-                        for (t, a) in acc.iter_mut().enumerate() {
-                            let xt = x.as_ptr().add(t * p.xs + kk);
-                            for (i, ai) in a.iter_mut().enumerate() {
-                                *ai = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xt.add(8 * i)), *ai);
-                            }
+                let sv = _mm256_set1_ps(s);
+                let (lo, hi) = (_mm256_mul_ps(t_lo, sv), _mm256_mul_ps(t_hi, sv));
+                while e + SUB <= seg_end {
+                    // In bounds: e is even and e + SUB <= the row's end, so the
+                    // 16 bytes from e / 2 lie in the packed row, and the 32
+                    // floats of x from e - e0 in the token's row.
+                    let w = decode32(p.packed.as_ptr().add(e / 2), lo, hi);
+                    let kk = e - e0;
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let xt = x.as_ptr().add(t * p.xs + kk);
+                        for (i, ai) in a.iter_mut().enumerate() {
+                            *ai = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xt.add(8 * i)), *ai);
                         }
-                        e += SUB;
                     }
+                    e += SUB;
                 }
-                while e < seg_end {
-                    one(e, s, &mut single);
-                    e += 1;
-                }
-            }
+                e
+            });
             for (t, a) in acc.iter().enumerate() {
                 let v = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
                 let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
