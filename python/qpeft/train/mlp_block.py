@@ -66,7 +66,7 @@ def rmsnorm_values(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[t
     scale = torch.rsqrt(buf.mean(-1, keepdim=True) + eps)
     xs = torch.mul(x32, scale, out=buf).to(x.dtype)
     # weight * xs, computed in place where the result has xs's dtype (products commute exactly).
-    if weight.dtype == xs.dtype and xs.dim() >= 1 and weight.shape == xs.shape[-1:]:
+    if weight.dtype == xs.dtype and weight.shape == xs.shape[-1:]:
         return xs.mul_(weight), scale
     return weight * xs, scale
 
