@@ -521,6 +521,46 @@ fn kernel(isa: Isa, tiled: bool, nt: usize, p: &Part, x: &[f32], res: &mut [f32]
 /// Accumulator lanes per token in the generic path (two AVX2 registers).
 const GL: usize = 16;
 
+/// The scales of consecutive blocks from a starting one, one division in
+/// all: the walk moves to the next block each turn (and, with nested
+/// scales, to the next group of blocks every blocksize2 turns).
+struct BlockScales {
+    b: usize,
+    g: usize,
+    g_end: usize,
+}
+
+impl BlockScales {
+    #[inline(always)]
+    fn new(p: &Part, b: usize) -> BlockScales {
+        match p.nested {
+            Some(ns) => {
+                let g = b / ns.blocksize2;
+                BlockScales { b, g, g_end: (g + 1) * ns.blocksize2 }
+            }
+            None => BlockScales { b, g: 0, g_end: usize::MAX },
+        }
+    }
+
+    /// The scale of the current block; moves to the next.
+    #[inline(always)]
+    fn next(&mut self, p: &Part) -> f32 {
+        let b = self.b;
+        self.b += 1;
+        match p.nested {
+            None => p.sc[b - p.b_lo],
+            Some(ns) => {
+                if b == self.g_end {
+                    self.g += 1;
+                    self.g_end += ns.blocksize2;
+                }
+                // As Scales::get computes it.
+                ns.code[ns.qabsmax[b] as usize] * ns.absmax2[self.g] + ns.offset
+            }
+        }
+    }
+}
+
 /// Walks row `n` block by block: an odd first element and whatever is left
 /// of a block after its whole 32-weight runs go one by one into `single`;
 /// `runs(e, seg_end, s)` takes the runs from the even element `e` (scale
@@ -545,27 +585,11 @@ fn walk_row<const NT: usize>(
             *a += v * x[t * p.xs + (e - e0)];
         }
     };
-    // One division per row: the walk moves to the next block each turn
-    // (and, with nested scales, to the next group of blocks every
-    // blocksize2 turns).
     let mut b = e0 / bs;
-    let (mut g, mut g_end) = match p.nested {
-        Some(ns) => (b / ns.blocksize2, (b / ns.blocksize2 + 1) * ns.blocksize2),
-        None => (0, usize::MAX),
-    };
+    let mut scales = BlockScales::new(p, b);
     while e < end {
         let seg_end = end.min((b + 1) * bs);
-        let s = match p.nested {
-            None => p.sc[b - p.b_lo],
-            Some(ns) => {
-                if b == g_end {
-                    g += 1;
-                    g_end += ns.blocksize2;
-                }
-                // As Scales::get computes it.
-                ns.code[ns.qabsmax[b] as usize] * ns.absmax2[g] + ns.offset
-            }
-        };
+        let s = scales.next(p);
         if e % 2 == 1 {
             one(e, s, single);
             e += 1;
@@ -679,8 +703,11 @@ mod x86 {
     /// is in the natural layout.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn runs_avx2<const NT: usize>(p: &Part, x: &[f32], res: &mut [f32]) {
-        let rows = p.r1 - p.r0;
         let planes = byte_planes(p.table);
+        if p.k.is_multiple_of(p.bs) && p.bs.is_multiple_of(SUB) {
+            return whole_blocks::<NT>(p, x, res, &planes);
+        }
+        let rows = p.r1 - p.r0;
         for (ri, n) in (p.r0..p.r1).enumerate() {
             let mut acc = [[_mm256_setzero_ps(); 4]; NT];
             let mut single = [0f32; NT];
@@ -704,13 +731,56 @@ mod x86 {
                 e
             });
             for (t, a) in acc.iter().enumerate() {
-                let v = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-                let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                let h = _mm_add_ss(h, _mm_movehdup_ps(h));
-                res[t * rows + ri] = _mm_cvtss_f32(h) + single[t];
+                res[t * rows + ri] = hsum(a) + single[t];
             }
         }
+    }
+
+    /// [`runs_avx2`] for rows made of whole blocks of whole 32-weight runs
+    /// (K a multiple of the block size, itself a multiple of 32: every
+    /// model's shapes), without the general row walk's bookkeeping (4096x4096,
+    /// one token, one thread: 2.7 against 3.3-3.7 ms).
+    #[inline(always)]
+    unsafe fn whole_blocks<const NT: usize>(p: &Part, x: &[f32], res: &mut [f32], planes: &[__m256i; 4]) {
+        let rows = p.r1 - p.r0;
+        let per_row = p.k / p.bs;
+        let runs = p.bs / SUB;
+        // In bounds: rows r0..r1 hold (r1 - r0) * K / 2 packed bytes from
+        // r0 * K / 2, and each token's x row K floats.
+        assert!(p.r1 * p.k / 2 <= p.packed.len() && (NT - 1) * p.xs + p.k <= x.len());
+        let mut scales = BlockScales::new(p, p.r0 * per_row);
+        let mut q = p.packed.as_ptr().add(p.r0 * p.k / 2);
+        for ri in 0..rows {
+            let mut acc = [[_mm256_setzero_ps(); 4]; NT];
+            let mut xo = x.as_ptr();
+            for _ in 0..per_row {
+                let sv = _mm256_set1_ps(scales.next(p));
+                for _ in 0..runs {
+                    let w = decode32(q, planes).map(|v| _mm256_mul_ps(v, sv));
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let xt = xo.add(t * p.xs);
+                        for (i, ai) in a.iter_mut().enumerate() {
+                            *ai = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xt.add(8 * i)), *ai);
+                        }
+                    }
+                    q = q.add(SUB / 2);
+                    xo = xo.add(SUB);
+                }
+            }
+            for (t, a) in acc.iter().enumerate() {
+                res[t * rows + ri] = hsum(a);
+            }
+        }
+    }
+
+    /// The sum of the lanes of four accumulators.
+    #[inline(always)]
+    unsafe fn hsum(a: &[__m256; 4]) -> f32 {
+        let v = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        _mm_cvtss_f32(h)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
@@ -1158,20 +1228,23 @@ mod tests {
 
     #[test]
     fn nested_groups_of_any_size_cross_rows_and_tasks() {
-        // 200 weights per row in blocks of 32: groups of 1, 3 or 5 blocks
-        // start and end inside rows, and tasks start inside groups.
-        let m = Mat::new(701, 200, QuantType::Nf4, 32, 5);
-        let x: Vec<f32> = data(3 * m.k, 11, 2.0);
-        for bs2 in [1, 3, 5, 256] {
-            let absmax2: Vec<f32> = (0..m.qabsmax.len().div_ceil(bs2)).map(|g| 0.01 + g as f32 * 1e-3).collect();
-            let nested = Nested { qabsmax: &m.qabsmax, absmax2: &absmax2, code: &m.code, offset: m.offset, blocksize2: bs2 };
-            let w = Weight4 { scales: Scales::Nested(nested), ..m.weight(false) };
-            for tokens in [1, 3] {
-                let (want, mag) = reference(&w, &x[..tokens * m.k], tokens);
-                for isa in cpu::available() {
-                    for th in [1, 2, 3] {
-                        let got = run::<f32>(isa, &w, &x[..tokens * m.k], tokens, th);
-                        assert_close(&got, &want, &mag, 0.0, &format!("{isa:?} blocksize2={bs2} tokens={tokens} threads={th}"));
+        // 200 or 256 weights per row (the row walk, whole blocks) in blocks
+        // of 32: groups of 1, 3 or 5 blocks start and end inside rows, and
+        // tasks start inside groups.
+        for m in [Mat::new(701, 200, QuantType::Nf4, 32, 5), Mat::new(701, 256, QuantType::Nf4, 32, 6)] {
+            let x: Vec<f32> = data(3 * m.k, 11, 2.0);
+            for bs2 in [1, 3, 5, 256] {
+                let absmax2: Vec<f32> = (0..m.qabsmax.len().div_ceil(bs2)).map(|g| 0.01 + g as f32 * 1e-3).collect();
+                let nested = Nested { qabsmax: &m.qabsmax, absmax2: &absmax2, code: &m.code, offset: m.offset, blocksize2: bs2 };
+                let w = Weight4 { scales: Scales::Nested(nested), ..m.weight(false) };
+                for tokens in [1, 3] {
+                    let (want, mag) = reference(&w, &x[..tokens * m.k], tokens);
+                    for isa in cpu::available() {
+                        for th in [1, 2, 3] {
+                            let got = run::<f32>(isa, &w, &x[..tokens * m.k], tokens, th);
+                            let what = format!("{isa:?} k={} blocksize2={bs2} tokens={tokens} threads={th}", m.k);
+                            assert_close(&got, &want, &mag, 0.0, &what);
+                        }
                     }
                 }
             }
