@@ -274,3 +274,42 @@ def test_linear_4bit_called_under_autograd_does_not_reuse_its_buffer():
     qpeft.functional.linear_4bit(x.detach(), b.weight, b.quant_state)  # would overwrite a shared buffer
     y.sum().backward()
     torch.testing.assert_close(x.grad, a.dequantize().sum(0).expand(40, 128), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("native", [False, True], ids=["emulated-16bit", "native-16bit"])
+def test_16bit_prefill_widens_to_float32_only_without_16bit_hardware(monkeypatch, dtype, native):
+    """Many tokens of 16-bit activations: on a CPU whose matmul runs them in
+    hardware, the dense 16-bit matmul; without, the same weight values (rounded
+    to the 16-bit dtype) in a float32 matmul, rounded once."""
+    import qpeft.functional as QF
+
+    monkeypatch.setitem(QF._FAST_16BIT, dtype, native)
+    w = torch.randn(48, 96)
+    packed, state = QF.quantize_4bit(w, compress_statistics=True)
+    x = torch.randn(QF.GEMV_MAX_TOKENS + 7, 96).to(dtype)
+    w16 = QF.dequantize_4bit(packed, state).to(dtype)
+    got = QF.linear_4bit(x, packed, state)
+    assert got.dtype == dtype
+    if native:
+        assert QF.dense_matmul_dtype(x) == dtype
+        assert torch.equal(got, F.linear(x, w16))
+    else:
+        assert QF.dense_matmul_dtype(x) == torch.float32
+        assert torch.equal(got, F.linear(x.float(), w16.float()).to(dtype))
+        # Twice (the scratch buffers are reused) and with the switch off.
+        assert torch.equal(QF.linear_4bit(x, packed, state), got)
+        monkeypatch.setattr(QF, "WIDEN_16BIT_ON_CPU", False)
+        assert torch.equal(QF.linear_4bit(x, packed, state), F.linear(x, w16))
+    assert QF.dense_matmul_dtype(x.float()) == torch.float32
+
+
+def test_widened_prefill_keeps_input_gradients(monkeypatch):
+    import qpeft.functional as QF
+
+    monkeypatch.setitem(QF._FAST_16BIT, torch.bfloat16, False)
+    _, layer = make_layer(dtype=torch.bfloat16, compute_dtype=torch.bfloat16)
+    x = torch.randn(QF.GEMV_MAX_TOKENS + 3, 96, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().sum().backward()
+    w16 = layer.dequantize().bfloat16()
+    torch.testing.assert_close(x.grad, torch.ones(x.shape[0], 80, dtype=torch.bfloat16) @ w16, rtol=2e-2, atol=2e-2)

@@ -51,6 +51,8 @@ __all__ = [
     "grad_input_4bit",
     "lora_matmul",
     "linear_4bit_lora",
+    "dense_matmul_dtype",
+    "WIDEN_16BIT_ON_CPU",
     "GEMV_MAX_TOKENS",
     "swiglu",
     "swiglu_backward",
@@ -916,6 +918,59 @@ def dequantize_blockwise(
     return out
 
 
+_FAST_16BIT: dict[torch.dtype, bool] = {}
+
+#: Whether :func:`linear_4bit`'s dequantize + matmul path widens 16-bit activations to float32
+#: on a CPU without 16-bit matmul hardware (see :func:`dense_matmul_dtype`).
+#: Off, they run torch's 16-bit matmul: bit for bit what bitsandbytes
+#: computes, several times slower there.
+WIDEN_16BIT_ON_CPU = True
+
+
+def _cpu_runs_natively(dtype: torch.dtype) -> bool:
+    """Whether this CPU's matmuls run ``dtype`` (bfloat16/float16) in hardware (AVX512-BF16/AMX, AVX512-FP16)."""
+    fast = _FAST_16BIT.get(dtype)
+    if fast is None:
+        probe = {
+            torch.bfloat16: "_is_mkldnn_bf16_supported",
+            torch.float16: "_is_mkldnn_fp16_supported",
+        }.get(dtype)
+        try:
+            fast = probe is None or bool(getattr(torch.ops.mkldnn, probe)())
+        except (AttributeError, RuntimeError):
+            fast = False
+        _FAST_16BIT[dtype] = fast
+    return fast
+
+
+def dense_matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype in which :func:`linear_4bit`'s dequantize + matmul path multiplies activations ``x``.
+
+    ``x``'s own dtype, except 16-bit activations on a CPU without hardware
+    support for them: there torch's 16-bit matmul converts to float32 inside
+    and runs several times slower than a float32 one (4096x4096 weight, 64
+    tokens, 2-core AVX2 EPYC: bfloat16 112 ms, float16 90 ms, float32 44
+    ms). So the weight is dequantized into ``x``'s dtype as usual (the values
+    a 16-bit matmul, and bitsandbytes, would use), widened to float32, the
+    matmul runs in float32 and its result is rounded to ``x``'s dtype once:
+    what the 16-bit matmul computes too (float32 accumulation, one rounding),
+    up to the order of the additions (:data:`WIDEN_16BIT_ON_CPU` turns this off).
+
+    Only the forward of a plain 4-bit layer (inference, a prompt's prefill)
+    takes this path; the training paths (:func:`linear_4bit_lora`,
+    :func:`grad_input_4bit`) keep ``x``'s dtype, whose rounding steps the
+    fused training blocks reproduce.
+    """
+    if (
+        WIDEN_16BIT_ON_CPU
+        and x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and not _cpu_runs_natively(x.dtype)
+    ):
+        return torch.float32
+    return x.dtype
+
+
 def _as_f32_scalar(x: Any) -> torch.Tensor:
     return x.float().cpu() if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float32)
 
@@ -926,7 +981,9 @@ def linear_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantState) 
     Few tokens (at most :data:`GEMV_MAX_TOKENS` on the CPU,
     ``qpeft._cuda.GEMV_MAX_TOKENS`` on a GPU): the fused :func:`gemv_4bit`
     kernel, which never builds a dense weight. More tokens: dequantize into
-    ``x``'s dtype and ``F.linear`` (a dense matmul amortizes the dequantize).
+    ``x``'s dtype and ``F.linear`` (a dense matmul amortizes the dequantize),
+    in float32 for 16-bit ``x`` on a CPU without 16-bit hardware
+    (:func:`dense_matmul_dtype`); the result has ``x``'s dtype.
     """
     tokens = x.numel() // max(1, x.shape[-1])
     fused_max = {"cpu": GEMV_MAX_TOKENS, "cuda": _cuda.GEMV_MAX_TOKENS}.get(x.device.type, -1)
@@ -937,7 +994,8 @@ def linear_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantState) 
         and len(quant_state.shape) == 2
     ):
         return gemv_4bit(x, weight, quant_state)
-    return torch.nn.functional.linear(x, _dense_scratch(weight, quant_state, x.dtype, x.requires_grad))
+    w = _dense_for(x, weight, quant_state, x.requires_grad)
+    return torch.nn.functional.linear(x.to(w.dtype), w).to(x.dtype)
 
 
 #: Dtypes in which :func:`lora_matmul` sums base and adapter terms inside one matmul.
@@ -1183,6 +1241,24 @@ def causal_softmax_grad(
 
 
 _scratch = threading.local()
+
+
+def _dense_for(x: torch.Tensor, weight: torch.Tensor, quant_state, requires_grad: bool) -> torch.Tensor:
+    """The dense weight for ``x`` in :func:`dense_matmul_dtype`, its values rounded to ``x``'s dtype.
+
+    Valid until this thread's next call, as :func:`_dense_scratch`.
+    """
+    mm = dense_matmul_dtype(x)
+    w = _dense_scratch(weight, quant_state, x.dtype, requires_grad)
+    if mm == x.dtype:
+        return w
+    if torch.is_grad_enabled() and (requires_grad or weight.requires_grad):
+        return w.to(mm)
+    buf = getattr(_scratch, "wide", None)
+    if buf is None or buf.dtype != mm or buf.numel() < w.numel():
+        buf = _scratch.wide = None  # let the old one go before the new one exists
+        buf = _scratch.wide = torch.empty(w.numel(), dtype=mm)
+    return buf[:w.numel()].view(w.shape).copy_(w)
 
 
 def _dense_scratch(weight: torch.Tensor, quant_state, dtype: torch.dtype, requires_grad: bool) -> torch.Tensor:
