@@ -891,7 +891,11 @@ def dequantize_blockwise(
     scales = qs.absmax
     if qs.nested:
         scales = dequantize_blockwise(qs.absmax, qs.state2, dtype=torch.float32)
-        scales = scales + _as_f32_scalar(qs.offset)
+        # Near the top of the float32 range, nested scale + offset can round
+        # past the largest float (a block holding 3.4e38 among zero blocks):
+        # inf would turn the block into inf and NaN. The largest float is the
+        # scale such a block had.
+        scales = (scales + _as_f32_scalar(qs.offset)).clamp_(max=torch.finfo(torch.float32).max)
     out_dtype = dtype or qs.dtype or torch.float32
     dtype_name = _FLOAT_DTYPES.get(out_dtype)
     if dtype_name is None:
