@@ -83,6 +83,16 @@ def test_dequantize_4bit_gives_the_cpu_values(cuda, qt, nested):
             assert torch.equal(out, qpeft.dequantize_4bit(packed, s).view(-1)), (bs, n, dtype)
 
 
+def test_dequantize_4bit_clamps_nested_scales_past_the_largest_float(cuda):
+    # The largest float among zeros: its rebuilt nested scale rounds past float32's maximum.
+    x = torch.zeros(583)
+    x[0] = torch.finfo(torch.float32).max
+    packed, state = qpeft.quantize_4bit(x, blocksize=64, compress_statistics=True)
+    out = torch.empty(583)
+    cuda.dequantize_4bit(packed, state, out)
+    assert torch.equal(out, x)
+
+
 @pytest.mark.parametrize("bs", [16, 64, 256, 1024])
 def test_blockwise8_gives_the_cpu_codes_and_values(cuda, bs):
     code = QF.create_dynamic_map(True)

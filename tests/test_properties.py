@@ -46,11 +46,15 @@ def block_scales(state) -> torch.Tensor:
     """The float32 scales a state dequantizes with (nested ones rebuilt)."""
     if not state.nested:
         return state.absmax
-    return qpeft.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    # Clamped at float32's maximum, as the kernels do (a sum past it would be inf).
+    return (qpeft.dequantize_blockwise(state.absmax, state.state2) + state.offset).clamp(max=torch.finfo(torch.float32).max)
 
 
 @SETTINGS
 @given(x=weights(), blocksize=st.sampled_from(BLOCK_SIZES), quant_type=st.sampled_from(["nf4", "fp4"]), nested=st.booleans())
+# The largest float among zeros: its nested scale once rounded to inf.
+@example(x=torch.cat([torch.tensor([torch.finfo(torch.float32).max]), torch.zeros(582)]), blocksize=64,
+         quant_type="nf4", nested=True)
 def test_reconstruction_error_is_bounded(x, blocksize, quant_type, nested):
     packed, state = qpeft.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
     assert packed.shape == ((x.numel() + 1) // 2, 1)
@@ -110,6 +114,23 @@ def test_zero_blocks_give_zeros(n, blocksize, quant_type, dtype, nested):
     assert bool((body == expected_byte).all())
     y = qpeft.dequantize_4bit(packed, state)
     assert bool((y == 0).all())
+
+
+@pytest.mark.parametrize("n", [583, 640, 1000])
+def test_largest_float_among_zeros_survives_double_quantization(n):
+    # code * absmax2 + offset rounds past float32's maximum for the block that
+    # held it; the kernels clamp there instead of returning inf and NaN.
+    big = torch.finfo(torch.float32).max
+    x = torch.zeros(n)
+    x[0] = big
+    packed, state = qpeft.quantize_4bit(x, blocksize=64, compress_statistics=True)
+    assert torch.equal(qpeft.dequantize_4bit(packed, state), x)
+    w = x[: n - n % 8].reshape(8, -1)
+    packed, state = qpeft.quantize_4bit(w, blocksize=64, compress_statistics=True)
+    a = torch.zeros(1, w.shape[1])
+    a[0, 0] = 2.0**-10
+    y = qpeft.gemv_4bit(a, packed, state)
+    assert torch.equal(y, torch.tensor([[big * 2.0**-10] + [0.0] * 7]))
 
 
 @SETTINGS

@@ -37,7 +37,7 @@ use crate::codebook::QuantType;
 use crate::cpu::{self, Isa};
 use crate::elem::Elem;
 use crate::error::{invalid, Result};
-use crate::nf4::{check_blocksize, packed_len, Nested, Scales};
+use crate::nf4::{check_blocksize, nested_scale, packed_len, Nested, Scales};
 use crate::parallel;
 
 /// Tokens that share one pass over the weights.
@@ -356,7 +356,7 @@ fn decode_nested_generic(s: &Nested, b_lo: usize, out: &mut [f32]) {
         let end = ((g + 1) * s.blocksize2).min(b_hi);
         let a2 = s.absmax2[g];
         for (o, &q) in out[b - b_lo..end - b_lo].iter_mut().zip(&s.qabsmax[b..end]) {
-            *o = s.code[q as usize] * a2 + s.offset;
+            *o = nested_scale(s.code[q as usize], a2, s.offset);
         }
         b = end;
     }
@@ -555,7 +555,7 @@ impl BlockScales {
                     self.g_end += ns.blocksize2;
                 }
                 // As Scales::get computes it.
-                ns.code[ns.qabsmax[b] as usize] * ns.absmax2[self.g] + ns.offset
+                nested_scale(ns.code[ns.qabsmax[b] as usize], ns.absmax2[self.g], ns.offset)
             }
         }
     }
@@ -1170,6 +1170,28 @@ mod tests {
                 assert_close(&run::<Bf16>(isa, &w, &x, tokens, th), &want, &mag, 1.0 / 256.0, &what(isa, "bf16", th));
                 assert_close(&run::<F16>(isa, &w, &x, tokens, th), &want, &mag, 1.0 / 1024.0, &what(isa, "f16", th));
             }
+        }
+    }
+
+    #[test]
+    fn nested_scales_past_the_largest_float_are_clamped() {
+        // code * absmax2 + offset rounding past f32::MAX (a block holding the
+        // largest float among zero blocks) must not turn into inf and NaN.
+        let mut m = Mat::new(3, 130, QuantType::Nf4, 64, 5);
+        let top = m.code.iter().position(|&c| c == 1.0).unwrap() as u8;
+        m.qabsmax.iter_mut().for_each(|q| *q = top);
+        m.absmax2[0] = f32::MAX;
+        m.offset = f32::MAX / 4.0;
+        let w = m.weight(true);
+        assert_eq!(w.scales.get(0), f32::MAX);
+        let x: Vec<f32> = data(2 * m.k, 9, 2e-36).iter().map(|&v| Bf16::from_f32(v).to_f32()).collect();
+        let (want, mag) = reference(&w, &x, 2);
+        assert!(want.iter().all(|v| v.is_finite() && *v != 0.0));
+        for isa in cpu::available() {
+            for th in [1, 2] {
+                assert_close(&run::<f32>(isa, &w, &x, 2, th), &want, &mag, 0.0, &format!("{isa:?} threads={th}"));
+            }
+            assert_eq!(decode_nested(isa, &match w.scales { Scales::Nested(s) => s, _ => unreachable!() }, 0, 6), vec![f32::MAX; 6]);
         }
     }
 

@@ -83,10 +83,23 @@ impl Scales<'_> {
     pub(crate) fn get(&self, b: usize) -> f32 {
         match self {
             Scales::Plain(a) => a[b],
-            Scales::Nested(n) => {
-                n.code[n.qabsmax[b] as usize] * n.absmax2[b / n.blocksize2] + n.offset
-            }
+            Scales::Nested(n) => nested_scale(n.code[n.qabsmax[b] as usize], n.absmax2[b / n.blocksize2], n.offset),
         }
+    }
+}
+
+/// One double-quantized scale, `code * absmax2 + offset` (multiply, then
+/// add). Near the top of the float32 range the sum can round past the
+/// largest float (a block holding `f32::MAX` among zero blocks) and inf
+/// would turn that block into inf and NaN; the largest float is the scale
+/// such a block had. NaN (a corrupt state) stays NaN.
+#[inline(always)]
+pub(crate) fn nested_scale(code: f32, absmax2: f32, offset: f32) -> f32 {
+    let s = code * absmax2 + offset;
+    if s > f32::MAX {
+        f32::MAX
+    } else {
+        s
     }
 }
 
@@ -847,6 +860,35 @@ pub(crate) mod tests {
             assert!(p.iter().all(|&b| b == byte), "{qt:?}: {p:?}");
             assert!(out.iter().all(|&v| v == 0.0));
         }
+    }
+
+    #[test]
+    fn nested_scales_past_the_largest_float_are_clamped() {
+        use crate::blockwise8::{double_quantize, mean, Code8};
+        use crate::dynamic_map::dynamic_signed;
+        // The largest float among zero blocks: the block's rebuilt scale
+        // (code * absmax2 + offset) rounds past f32::MAX for some lengths.
+        let code = Code8::new(dynamic_signed()).unwrap();
+        let mut clamped = 0;
+        for n in [583usize, 600, 640, 700] {
+            let mut x = vec![0f32; n];
+            x[0] = f32::MAX;
+            let (p, a, _) = roundtrip(Isa::Scalar, &x, QuantType::Nf4, 64, 1);
+            let offset = mean(&a);
+            let mut q = vec![0u8; a.len()];
+            let mut a2 = vec![0f32; a.len().div_ceil(256)];
+            double_quantize(&a, offset, &code, &mut q, &mut a2, 1).unwrap();
+            clamped += (code.values[q[0] as usize] * a2[0] + offset == f32::INFINITY) as usize;
+            let nested = Scales::Nested(Nested { qabsmax: &q, absmax2: &a2, code: &code.values, offset, blocksize2: 256 });
+            for isa in cpu::available() {
+                let mut out = vec![0f32; n];
+                dequantize_4bit_isa(isa, &p, nested, QuantType::Nf4, 64, &mut out, 2).unwrap();
+                assert!(out.iter().all(|v| v.is_finite()), "{isa:?} n={n}");
+                assert_eq!(out[0], f32::MAX, "{isa:?} n={n}");
+            }
+        }
+        assert!(clamped > 0, "no length rounded past f32::MAX: the test lost its case");
+        assert!(nested_scale(1.0, f32::NAN, 0.0).is_nan());
     }
 
     #[test]

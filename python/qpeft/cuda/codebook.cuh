@@ -51,3 +51,23 @@ __device__ __forceinline__ u32 encode_fp4(float x) {
     for (int i = 0; i < 7; ++i) r += a > th[i];
     return (r ^ ((r & 2u) << 1)) | sign;
 }
+
+// Block scales of a 4-bit tensor, plain or double-quantized:
+// code2[qabsmax[b]] * absmax2[b / bs2] + offset, multiply then add. Near
+// the top of the float32 range that sum can round past the largest float
+// (a block holding FLT_MAX among zero blocks); the largest float is the
+// scale such a block had, so it is clamped there (NaN stays NaN), as on
+// the CPU (rust/src/nf4.rs nested_scale).
+struct Scales4 {
+    const float* absmax;  // plain scales, or nullptr when nested
+    const u8* qabsmax;
+    const float* absmax2;
+    const float* code2;
+    float offset;
+    int bs2;
+    __device__ __forceinline__ float get(i64 b) const {
+        if (absmax) return __ldg(absmax + b);
+        const float s = __fadd_rn(__fmul_rn(__ldg(code2 + __ldg(qabsmax + b)), __ldg(absmax2 + b / bs2)), offset);
+        return s > 0x1.fffffep+127f ? 0x1.fffffep+127f : s;
+    }
+};

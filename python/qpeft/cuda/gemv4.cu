@@ -7,20 +7,6 @@
 // and scale is read once per launch (one launch per 16 tokens).
 #include "codebook.cuh"
 
-// Block scales, plain or double-quantized (multiply, then add).
-struct GemvScales {
-    const float* absmax;  // nullptr when nested
-    const u8* qabsmax;
-    const float* absmax2;
-    const float* code2;
-    float offset;
-    int bs2;
-    __device__ __forceinline__ float get(i64 b) const {
-        if (absmax) return __ldg(absmax + b);
-        return __fadd_rn(__fmul_rn(__ldg(code2 + __ldg(qabsmax + b)), __ldg(absmax2 + b / bs2)), offset);
-    }
-};
-
 // 32 consecutive elements of x as float32 (16-byte aligned).
 template <class E>
 __device__ __forceinline__ void load_x32(const typename E::T* p, float* v) {
@@ -59,7 +45,7 @@ constexpr int GEMV_ROWS = 2;   // rows per warp, sharing each load of x
 // chunks (16 bytes, one vector load per row) that lie in one block, so one
 // scale per chunk; the chunk's code-book sums are scaled once.
 template <class E, int TOK>
-__device__ void gemv4_tiled(const u8* __restrict__ packed, GemvScales sc, const typename E::T* __restrict__ x,
+__device__ void gemv4_tiled(const u8* __restrict__ packed, Scales4 sc, const typename E::T* __restrict__ x,
                             typename E::T* __restrict__ y, int tokens, i64 N, i64 K, int bs, int fp4) {
     __shared__ float table[16];
     if (threadIdx.x < 16) table[threadIdx.x] = QPEFT_CODE4[fp4 ? 1 : 0][threadIdx.x];
@@ -128,7 +114,7 @@ __device__ void gemv4_tiled(const u8* __restrict__ packed, GemvScales sc, const 
 // Any K and alignment (odd K, rows starting mid-byte): one row per warp,
 // one weight per lane per step.
 template <class E>
-__device__ void gemv4_generic(const u8* __restrict__ packed, GemvScales sc, const typename E::T* __restrict__ x,
+__device__ void gemv4_generic(const u8* __restrict__ packed, Scales4 sc, const typename E::T* __restrict__ x,
                               typename E::T* __restrict__ y, int tokens, i64 N, i64 K, int bs, int fp4) {
     __shared__ float table[16];
     if (threadIdx.x < 16) table[threadIdx.x] = QPEFT_CODE4[fp4 ? 1 : 0][threadIdx.x];
@@ -158,7 +144,7 @@ __device__ void gemv4_generic(const u8* __restrict__ packed, GemvScales sc, cons
 #define QPEFT_GEMV_ARGS(E)                                                                             \
     const u8 *packed, const float *absmax, const u8 *qabsmax, const float *absmax2, const float *code2, \
         float offset, int bs2, const E::T *x, E::T *y, int tokens, i64 N, i64 K, int bs, int fp4
-#define QPEFT_GEMV_SCALES GemvScales sc{absmax, qabsmax, absmax2, code2, offset, bs2};
+#define QPEFT_GEMV_SCALES Scales4 sc{absmax, qabsmax, absmax2, code2, offset, bs2};
 
 #define QPEFT_GEMV_TILED(NAME, E, TOK)                                                                  \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32) gemv4_tiled_##NAME##_t##TOK(          \

@@ -77,20 +77,7 @@ __device__ void quantize_4bit(const typename E::T* __restrict__ x, u8* __restric
 // per thread (4 packed bytes in, 8 values out), thread t taking group
 // t + j * blockDim.x in round j: every warp-wide load and store is one
 // contiguous run of memory. Every block size is a multiple of 8, so the 8
-// elements share one scale, which is dequantized here when it is nested:
-// code2[qabsmax[b]] * absmax2[b / bs2] + offset, multiply then add.
-struct Scales4 {
-    const float* absmax;  // plain scales, or nullptr when nested
-    const u8* qabsmax;
-    const float* absmax2;
-    const float* code2;
-    float offset;
-    int bs2;
-    __device__ __forceinline__ float get(i64 b) const {
-        if (absmax) return __ldg(absmax + b);
-        return __fadd_rn(__fmul_rn(__ldg(code2 + __ldg(qabsmax + b)), __ldg(absmax2 + b / bs2)), offset);
-    }
-};
+// elements share one scale (Scales4, dequantized here when nested).
 
 // 8 values to 8 consecutive outputs (32 bytes of float32 or 16 of 16-bit).
 template <class E>
