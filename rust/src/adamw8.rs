@@ -1395,114 +1395,68 @@ mod timing {
         }
     }
 
-    /// Per-element cost of each piece on one L1-resident block.
+    /// Per-element cost of each piece on one L1-resident block, for the
+    /// widest instruction set this CPU has (AVX-512, else AVX2).
     #[test]
     #[ignore = "timing, not a check"]
     fn pieces_in_cache() {
-        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")) {
-            pieces_in_cache_avx2();
-            return;
-        }
-        let reps = 200_000;
-        let x: Vec<f32> = (0..BLOCK).map(|i| ((i as f32 * 0.618).fract() - 0.5) * 2.0).collect();
-        let mut q = vec![0u8; BLOCK];
-        let mut y = vec![0f32; BLOCK];
-        let cs = signed();
-        let per = |t: Instant| t.elapsed().as_nanos() as f64 / (reps * BLOCK) as f64;
-        let t = Instant::now();
-        for _ in 0..reps {
-            unsafe { avx512::encode_block(std::hint::black_box(&x), Scale::Mul(1.0), cs, true, &mut q) };
-        }
-        eprintln!("encode        {:.3} ns/elem", per(t));
-        let t = Instant::now();
-        for _ in 0..reps {
-            unsafe { avx512::dequantize_block(std::hint::black_box(&q), &cs.values, 1.0, &mut y) };
-        }
-        eprintln!("dequant gather {:.3} ns/elem", per(t));
-        let t = Instant::now();
-        for _ in 0..reps {
-            unsafe { avx512::dequantize_block_vbmi(std::hint::black_box(&q), cs, 1.0, &mut y) };
-        }
-        eprintln!("dequant vbmi  {:.3} ns/elem", per(t));
-        let mut p = x.clone();
-        let g: Vec<f32> = x.iter().map(|v| v * 0.01).collect();
-        let mut m = x.clone();
-        let mut v: Vec<f32> = x.iter().map(|a| a * a).collect();
-        let h = AdamW8 { beta1: 0.9, one_minus_beta1: 0.1, beta2: 0.999, one_minus_beta2: 0.001, bc2_sqrt: 0.03, eps: 1e-8, decay: 1.0, step_size: -1e-9, maximize: false };
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-        unsafe fn upd(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamW8) -> (f32, f32) {
-            update_block::<f32, true>(p, g, m, v, h)
-        }
-        let t = Instant::now();
-        for _ in 0..reps {
-            std::hint::black_box(unsafe { upd(&mut p, std::hint::black_box(&g), &mut m, &mut v, &h) });
-        }
-        eprintln!("update        {:.3} ns/elem", per(t));
-        if has_vbmi() {
-            let (mut qm, mut qv) = (vec![127u8; BLOCK], vec![3u8; BLOCK]);
-            let (mut am, mut av) = (vec![0.5f32; 1], vec![0.25f32; 1]);
-            let t = Instant::now();
-            for _ in 0..reps {
-                unsafe { vbmi::step_blocks(&mut p, std::hint::black_box(&g), &mut qm, &mut qv, &mut am, &mut av, &h, cs, unsigned()) };
-            }
-            eprintln!("fused block   {:.3} ns/elem", per(t));
-            let t = Instant::now();
-            for _ in 0..reps {
-                unsafe { vbmi::encode_finite(std::hint::black_box(&x), Scale::Mul(1.0), cs, true, &mut q) };
-            }
-            eprintln!("encode vbmi   {:.3} ns/elem", per(t));
-        }
-    }
-
-    /// [`pieces_in_cache`] for a CPU with AVX2 but not AVX-512.
-    fn pieces_in_cache_avx2() {
-        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+        let avx512 = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw");
+        if !avx512 && !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
             eprintln!("skipped: this CPU lacks AVX2");
             return;
         }
-        let reps = 200_000;
+        const REPS: usize = 200_000;
+        fn time(name: &str, mut f: impl FnMut()) {
+            let t = Instant::now();
+            for _ in 0..REPS {
+                f();
+            }
+            eprintln!("{name:<16}{:.3} ns/elem", t.elapsed().as_nanos() as f64 / (REPS * BLOCK) as f64);
+        }
         let x: Vec<f32> = (0..BLOCK).map(|i| ((i as f32 * 0.618).fract() - 0.5) * 2.0).collect();
         let xv: Vec<f32> = x.iter().map(|a| a * a).collect();
         let mut q = vec![0u8; BLOCK];
         let mut y = vec![0f32; BLOCK];
         let (cs, cu) = (signed(), unsigned());
-        let per = |t: Instant| t.elapsed().as_nanos() as f64 / (reps * BLOCK) as f64;
-        let t = Instant::now();
-        for _ in 0..reps {
-            unsafe { avx2::encode_finite(std::hint::black_box(&x), Scale::Mul(1.0), cs, true, &mut q) };
-        }
-        eprintln!("encode signed   {:.3} ns/elem", per(t));
-        let t = Instant::now();
-        for _ in 0..reps {
-            unsafe { avx2::encode_finite(std::hint::black_box(&xv), Scale::Mul(1.0), cu, false, &mut q) };
-        }
-        eprintln!("encode unsigned {:.3} ns/elem", per(t));
-        let t = Instant::now();
-        for _ in 0..reps {
-            unsafe { avx2::dequantize_block(std::hint::black_box(&q), &cs.values, 1.0, &mut y) };
-        }
-        eprintln!("dequant         {:.3} ns/elem", per(t));
         let mut p = x.clone();
         let g: Vec<f32> = x.iter().map(|v| v * 0.01).collect();
-        let mut m = x.clone();
-        let mut v = xv.clone();
-        let h = AdamW8 { beta1: 0.9, one_minus_beta1: 0.1, beta2: 0.999, one_minus_beta2: 0.001, bc2_sqrt: 0.03, eps: 1e-8, decay: 1.0, step_size: -1e-9, maximize: false };
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn upd(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamW8) -> (f32, f32) {
-            update_block::<f32, false>(p, g, m, v, h)
-        }
-        let t = Instant::now();
-        for _ in 0..reps {
-            std::hint::black_box(unsafe { upd(&mut p, std::hint::black_box(&g), &mut m, &mut v, &h) });
-        }
-        eprintln!("update          {:.3} ns/elem", per(t));
+        let (mut m, mut v) = (x.clone(), xv.clone());
         let (mut qm, mut qv) = (vec![127u8; BLOCK], vec![3u8; BLOCK]);
         let (mut am, mut av) = (vec![0.5f32; 1], vec![0.25f32; 1]);
-        let t = Instant::now();
-        for _ in 0..reps {
-            adamw8_step_isa(Isa::Avx2, &mut p, std::hint::black_box(&g), &mut qm, &mut qv, &mut am, &mut av, &h, 1).unwrap();
+        let h = AdamW8 { beta1: 0.9, one_minus_beta1: 0.1, beta2: 0.999, one_minus_beta2: 0.001, bc2_sqrt: 0.03, eps: 1e-8, decay: 1.0, step_size: -1e-9, maximize: false };
+        use std::hint::black_box as bb;
+        if avx512 {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+            unsafe fn upd(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamW8) -> (f32, f32) {
+                update_block::<f32, true>(p, g, m, v, h)
+            }
+            time("encode", || unsafe { avx512::encode_block(bb(&x), Scale::Mul(1.0), cs, true, &mut q) });
+            time("dequant gather", || unsafe { avx512::dequantize_block(bb(&q), &cs.values, 1.0, &mut y) });
+            time("dequant vbmi", || unsafe { avx512::dequantize_block_vbmi(bb(&q), cs, 1.0, &mut y) });
+            time("update", || {
+                bb(unsafe { upd(&mut p, bb(&g), &mut m, &mut v, &h) });
+            });
+            if has_vbmi() {
+                time("fused block", || unsafe {
+                    vbmi::step_blocks(&mut p, bb(&g), &mut qm, &mut qv, &mut am, &mut av, &h, cs, cu)
+                });
+                time("encode vbmi", || unsafe { vbmi::encode_finite(bb(&x), Scale::Mul(1.0), cs, true, &mut q) });
+            }
+        } else {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn upd(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamW8) -> (f32, f32) {
+                update_block::<f32, false>(p, g, m, v, h)
+            }
+            time("encode signed", || unsafe { avx2::encode_finite(bb(&x), Scale::Mul(1.0), cs, true, &mut q) });
+            time("encode unsigned", || unsafe { avx2::encode_finite(bb(&xv), Scale::Mul(1.0), cu, false, &mut q) });
+            time("dequant", || unsafe { avx2::dequantize_block(bb(&q), &cs.values, 1.0, &mut y) });
+            time("update", || {
+                bb(unsafe { upd(&mut p, bb(&g), &mut m, &mut v, &h) });
+            });
+            time("whole block", || {
+                adamw8_step_isa(Isa::Avx2, &mut p, bb(&g), &mut qm, &mut qv, &mut am, &mut av, &h, 1).unwrap()
+            });
         }
-        eprintln!("whole block     {:.3} ns/elem", per(t));
     }
 
     /// Best of several whole steps, 8-bit against 32-bit: on blocks that stay
