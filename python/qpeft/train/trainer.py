@@ -30,6 +30,7 @@ import torch
 
 from .. import data as D
 from .._files import crash_point, staged_dir, write_file
+from ..functional import _cpu_runs_natively
 from .config import FOUR_BIT_METHODS, PROMPT_METHODS, TrainConfig
 from .fastpath import enable_fast_path
 from .heap import release_free_memory
@@ -100,11 +101,7 @@ def resolve_compute_dtype(name: str) -> torch.dtype:
         return torch.float32
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        fast = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        fast = False
-    return torch.bfloat16 if fast else torch.float32
+    return torch.bfloat16 if _cpu_runs_natively(torch.bfloat16) else torch.float32
 
 
 def build_model(cfg: TrainConfig, dtype: torch.dtype, model: Any = None, tokenizer: Any = None) -> tuple[Any, Any]:
