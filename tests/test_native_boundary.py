@@ -92,6 +92,11 @@ def dequantize_4bit_cases():
     yield "out misaligned", {**ok, "out": misaligned_f32(n)}, ValueError
     yield "out bits for f32", {**ok, "out": np.zeros(n, np.int16)}, TypeError
     yield "out f32 for bf16", {**ok, "dtype": "bfloat16"}, TypeError
+    yield "round_to bf16 (ok)", {**ok, "round_to": "bfloat16"}, None
+    yield "round_to f16 (ok)", {**ok, "round_to": "float16"}, None
+    yield "round_to float64", {**ok, "round_to": "float64"}, ValueError
+    yield "round_to float32", {**ok, "round_to": "float32"}, ValueError
+    yield "round_to with a 16-bit out", {**ok, "out": np.zeros(n, np.int16), "dtype": "bfloat16", "round_to": "float16"}, ValueError
     yield "negative blocksize", {**ok, "blocksize": -64}, BAD + (OverflowError,)
 
 

@@ -38,6 +38,7 @@ def dequantize_4bit(
     offset: float = 0.0,
     blocksize2: int = 256,
     isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
+    round_to: Optional[Literal["bfloat16", "float16"]] = None,
 ) -> None: ...
 def quantize_blockwise(
     x: npt.NDArray[np.float32] | npt.NDArray[np.int16],

@@ -573,12 +573,20 @@ def dequantize_4bit(
     return _dequantize_4bit_into(packed, qs, out)
 
 
-def _dequantize_4bit_into(packed: torch.Tensor, qs, out: torch.Tensor) -> torch.Tensor:
-    """Dequantize checked, contiguous uint8 ``packed`` into ``out`` of any float dtype."""
+def _dequantize_4bit_into(packed: torch.Tensor, qs, out: torch.Tensor,
+                          round_to: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Dequantize checked, contiguous uint8 ``packed`` into ``out`` of any float dtype.
+
+    ``round_to`` (bfloat16 or float16, with a float32 CPU ``out``): each value
+    rounded to that dtype's precision first, as dequantizing to it and
+    widening would give, in one pass.
+    """
     if out.is_cuda:
         return _cuda.dequantize_4bit(packed, qs, out)
     dtype_name = _FLOAT_DTYPES[out.dtype]
     kwargs = _scale_kwargs(qs, _flat_view)
+    if round_to is not None:
+        kwargs["round_to"] = _FLOAT_DTYPES[round_to]
     _native.dequantize_4bit(
         _flat_view(packed), qs.quant_type, qs.blocksize, _flat_view(out), dtype_name, _threads(), **kwargs
     )
@@ -1253,37 +1261,39 @@ def _dense_for(x: torch.Tensor, weight: torch.Tensor, quant_state, requires_grad
     Valid until this thread's next call, as :func:`_dense_scratch`.
     """
     mm = dense_matmul_dtype(x)
-    w = _dense_scratch(weight, quant_state, x.dtype, requires_grad)
-    if mm == x.dtype:
-        return w
-    if torch.is_grad_enabled() and (requires_grad or weight.requires_grad):
-        return w.to(mm)
-    buf = getattr(_scratch, "wide", None)
-    if buf is None or buf.dtype != mm or buf.numel() < w.numel():
-        buf = _scratch.wide = None  # let the old one go before the new one exists
-        buf = _scratch.wide = torch.empty(w.numel(), dtype=mm)
-    return buf[:w.numel()].view(w.shape).copy_(w)
+    # Widened: the values rounded to x's dtype, written as float32 in one pass.
+    return _dense_scratch(weight, quant_state, mm, requires_grad, round_to=None if mm == x.dtype else x.dtype)
 
 
-def _dense_scratch(weight: torch.Tensor, quant_state, dtype: torch.dtype, requires_grad: bool) -> torch.Tensor:
+def _dense_scratch(weight: torch.Tensor, quant_state, dtype: torch.dtype, requires_grad: bool,
+                   round_to: Optional[torch.dtype] = None) -> torch.Tensor:
     """The dense weight in ``dtype``, in a per-thread buffer reused from call to call.
 
     A fresh multi-megabyte tensor per call costs more in page faults than the
     dequantization itself; reusing one buffer (the size of the largest layer
     seen) removes that. The result is only valid until this thread's next
     call: callers must use it at once and never keep it (F.linear and matmul
-    do not, outside autograd).
+    do not, outside autograd). With ``round_to`` (a 16-bit dtype, ``dtype``
+    float32) the values are those of the weight in ``round_to``, widened.
     """
     # Under autograd the weight would be saved for backward: never hand out the buffer then.
     recorded = torch.is_grad_enabled() and (requires_grad or weight.requires_grad)
     if recorded or dtype not in _FLOAT_DTYPES or weight.device.type != "cpu":
         w = dequantize_4bit(weight, quant_state)
+        if round_to is not None and w.dtype != round_to:
+            w = w.to(round_to)
         return w if w.dtype == dtype else w.to(dtype)
     shape = torch.Size(quant_state.shape)
     numel = math.prod(shape)
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.dtype != dtype or buf.numel() < numel:
-        buf = _scratch.buf = torch.empty(numel, dtype=dtype)
+    # One buffer per dtype: a training step can interleave 16-bit LoRA layers
+    # with widened float32 plain ones, and must not reallocate at each switch.
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < numel:
+        bufs[dtype] = None  # let the old one go before the new one exists
+        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
     out = buf[:numel].view(shape)
     packed = weight.detach()
     if packed.dtype != torch.uint8:
@@ -1291,7 +1301,7 @@ def _dense_scratch(weight: torch.Tensor, quant_state, dtype: torch.dtype, requir
     packed = packed.contiguous()
     if packed.numel() != (numel + 1) // 2:
         raise ValueError(f"packed data has {packed.numel()} bytes, but shape {list(shape)} needs {(numel + 1) // 2}")
-    return _dequantize_4bit_into(packed, quant_state, out)
+    return _dequantize_4bit_into(packed, quant_state, out, round_to=round_to)
 
 
 # -------------------------------------------------------------- optimizers

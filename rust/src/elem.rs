@@ -9,6 +9,9 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// float32 storage holding bfloat16 / float16 values ([`Bf16InF32`], [`F16InF32`]).
+    Bf16InF32,
+    F16InF32,
 }
 
 /// A read-only flat input of one of the supported dtypes.
@@ -134,6 +137,45 @@ impl Elem for F16 {
         f16_bits_to_f32(bits as u16)
     }
 }
+
+/// A float32 holding a bfloat16 value: `from_f32` rounds as [`Bf16`] does
+/// and widens back. The output type of a 4-bit dequantization that feeds a
+/// float32 matmul the values a bfloat16 one would use, in one pass.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+#[repr(transparent)]
+pub struct Bf16InF32(pub f32);
+
+/// A float32 holding a float16 value (as [`Bf16InF32`] for float16).
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+#[repr(transparent)]
+pub struct F16InF32(pub f32);
+
+macro_rules! widened_elem {
+    ($ty:ident, $narrow:ident, $dtype:ident) => {
+        impl Elem for $ty {
+            const DTYPE: DType = DType::$dtype;
+            #[inline(always)]
+            fn to_f32(self) -> f32 {
+                self.0
+            }
+            #[inline(always)]
+            fn from_f32(v: f32) -> Self {
+                $ty($narrow::from_f32(v).to_f32())
+            }
+            #[inline(always)]
+            fn abs_bits(self) -> u32 {
+                self.0.abs_bits()
+            }
+            const NONFINITE_ABS_BITS: u32 = f32::NONFINITE_ABS_BITS;
+            #[inline(always)]
+            fn abs_bits_to_f32(bits: u32) -> f32 {
+                f32::abs_bits_to_f32(bits)
+            }
+        }
+    };
+}
+widened_elem!(Bf16InF32, Bf16, Bf16InF32);
+widened_elem!(F16InF32, F16, F16InF32);
 
 /// float32 -> bfloat16, round to nearest even; every NaN becomes 0x7fc0 (as
 /// torch does).

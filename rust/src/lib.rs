@@ -40,7 +40,7 @@ mod bindings {
     use crate::codebook::{QuantType, FP4, NF4};
     use crate::cpu::{self, Isa};
     use crate::dynamic_map::{dynamic_signed, dynamic_unsigned};
-    use crate::elem::{Bf16, Elem, F16};
+    use crate::elem::{Bf16, Bf16InF32, Elem, F16, F16InF32};
     use crate::error::Error;
     use crate::nf4::{self, Nested, Scales};
 
@@ -157,6 +157,14 @@ mod bindings {
         // SAFETY: Bf16 and F16 are repr(transparent) over u16, the same size
         // and alignment as i16; the length is unchanged.
         unsafe { std::slice::from_raw_parts(bits.as_ptr() as *const E, bits.len()) }
+    }
+
+    /// float32 storage as a float32 wrapper type ([`Bf16InF32`], [`F16InF32`]).
+    fn as_f32_wrappers<E: Elem>(x: &mut [f32]) -> &mut [E] {
+        assert_eq!(std::mem::size_of::<E>(), 4);
+        // SAFETY: the wrappers are repr(transparent) over f32 (size checked);
+        // the length is unchanged and the borrow is unique.
+        unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut E, x.len()) }
     }
 
     fn as_elems_mut<E: Elem>(bits: &mut [i16]) -> &mut [E] {
@@ -281,7 +289,8 @@ mod bindings {
 
     #[pyfunction]
     #[pyo3(signature = (packed, quant_type, blocksize, out, dtype, threads, absmax=None,
-                        qabsmax=None, absmax2=None, code2=None, offset=0.0, blocksize2=256, isa=None))]
+                        qabsmax=None, absmax2=None, code2=None, offset=0.0, blocksize2=256, isa=None,
+                        round_to=None))]
     #[allow(clippy::too_many_arguments)]
     fn dequantize_4bit(
         py: Python<'_>,
@@ -298,6 +307,7 @@ mod bindings {
         offset: f32,
         blocksize2: usize,
         isa: Option<&str>,
+        round_to: Option<&str>,
     ) -> PyResult<()> {
         let qt = parse_quant_type(quant_type)?;
         let isa = parse_isa(isa)?;
@@ -305,9 +315,22 @@ mod bindings {
         let mut code = [0.0f32; 256];
         let scales = scales(&absmax, &qabsmax, &absmax2, &code2, offset, blocksize2, &mut code)?;
         let mut outp = output(out, dtype)?;
-        with_output!(outp, o => run(py, || {
-            nf4::dequantize_4bit_isa(isa, packed, scales, qt, blocksize, o, threads)
-        }))
+        match (round_to, &mut outp) {
+            (None, _) => with_output!(outp, o => run(py, || {
+                nf4::dequantize_4bit_isa(isa, packed, scales, qt, blocksize, o, threads)
+            })),
+            (Some("bfloat16"), Out::F32(a)) => {
+                let o: &mut [Bf16InF32] = as_f32_wrappers(slice_mut(a, "output")?);
+                run(py, || nf4::dequantize_4bit_isa(isa, packed, scales, qt, blocksize, o, threads))
+            }
+            (Some("float16"), Out::F32(a)) => {
+                let o: &mut [F16InF32] = as_f32_wrappers(slice_mut(a, "output")?);
+                run(py, || nf4::dequantize_4bit_isa(isa, packed, scales, qt, blocksize, o, threads))
+            }
+            (Some(r), _) => Err(PyValueError::new_err(format!(
+                "round_to must be 'bfloat16' or 'float16' with a float32 output, got round_to={r:?} and dtype={dtype:?}"
+            ))),
+        }
     }
 
     #[pyfunction]

@@ -320,7 +320,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
     unsafe fn load16_avx512<T: Elem>(p: *const T) -> __m512 {
         match T::DTYPE {
-            DType::F32 => _mm512_loadu_ps(p as *const f32),
+            DType::F32 | DType::Bf16InF32 | DType::F16InF32 => _mm512_loadu_ps(p as *const f32),
             DType::BF16 => {
                 let h = _mm256_loadu_si256(p as *const __m256i);
                 _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
@@ -443,24 +443,30 @@ mod x86 {
                 _mm256_storeu_si256(p, x)
             }
         };
-        match T::DTYPE {
-            DType::F32 if NT => _mm512_stream_ps(out as *mut f32, v),
-            DType::F32 => _mm512_storeu_ps(out as *mut f32, v),
-            DType::BF16 => {
-                let bits = _mm512_castps_si512(v);
-                let lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-                let rounded = _mm512_srli_epi32(
-                    _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb),
-                    16,
-                );
-                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-                let r = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
-                store256(out as *mut __m256i, _mm512_cvtepi32_epi16(r));
+        let store_f32 = |v: __m512| {
+            if NT {
+                _mm512_stream_ps(out as *mut f32, v)
+            } else {
+                _mm512_storeu_ps(out as *mut f32, v)
             }
+        };
+        // bfloat16 bits (round to nearest even, NaN -> 0x7fc0) in the low half of each lane.
+        let bf16_bits = |v: __m512| {
+            let bits = _mm512_castps_si512(v);
+            let lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+            let rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), lsb), 16);
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0))
+        };
+        match T::DTYPE {
+            DType::F32 => store_f32(v),
+            DType::BF16 => store256(out as *mut __m256i, _mm512_cvtepi32_epi16(bf16_bits(v))),
             DType::F16 => {
                 let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
                 store256(out as *mut __m256i, h);
             }
+            DType::Bf16InF32 => store_f32(_mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16))),
+            DType::F16InF32 => store_f32(_mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v))),
         }
     }
 
@@ -511,17 +517,18 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn store8_avx2<T: Elem>(v: __m256, out: *mut T) {
+        // bfloat16 bits (round to nearest even, NaN -> 0x7fc0) in the low half of each lane.
+        let bf16_bits = |v: __m256| {
+            let bits = _mm256_castps_si256(v);
+            let lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+            let rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb), 16);
+            let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+            _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan)
+        };
         match T::DTYPE {
             DType::F32 => _mm256_storeu_ps(out as *mut f32, v),
             DType::BF16 => {
-                let bits = _mm256_castps_si256(v);
-                let lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-                let rounded = _mm256_srli_epi32(
-                    _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), lsb),
-                    16,
-                );
-                let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
-                let r = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), nan);
+                let r = bf16_bits(v);
                 // Pack 8 x u32 (each < 2^16) to 8 x u16.
                 let lo = _mm256_castsi256_si128(r);
                 let hi = _mm256_extracti128_si256::<1>(r);
@@ -530,6 +537,11 @@ mod x86 {
             DType::F16 => {
                 let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
                 _mm_storeu_si128(out as *mut __m128i, h);
+            }
+            DType::Bf16InF32 => _mm256_storeu_ps(out as *mut f32, _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16))),
+            DType::F16InF32 => {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                _mm256_storeu_ps(out as *mut f32, _mm256_cvtph_ps(h))
             }
         }
     }
@@ -859,6 +871,38 @@ pub(crate) mod tests {
             let byte = if qt == QuantType::Nf4 { 0x77 } else { 0x00 };
             assert!(p.iter().all(|&b| b == byte), "{qt:?}: {p:?}");
             assert!(out.iter().all(|&v| v == 0.0));
+        }
+    }
+
+    #[test]
+    fn widened_outputs_equal_16_bit_outputs_widened() {
+        use crate::elem::{Bf16InF32, F16InF32};
+        fn check<R: Elem, W: Elem>(isa: Isa, p: &[u8], sc: Scales, qt: QuantType, bs: usize, n: usize) {
+            for threads in [1, 3] {
+                let mut narrow = vec![R::from_f32(0.0); n];
+                dequantize_4bit_isa(isa, p, sc, qt, bs, &mut narrow, threads).unwrap();
+                let mut wide = vec![W::from_f32(f32::NAN); n];
+                dequantize_4bit_isa(isa, p, sc, qt, bs, &mut wide, threads).unwrap();
+                let want: Vec<u32> = narrow.iter().map(|v| v.to_f32().to_bits()).collect();
+                let got: Vec<u32> = wide.iter().map(|v| v.to_f32().to_bits()).collect();
+                assert_eq!(got, want, "{isa:?} {qt:?} bs={bs} n={n} threads={threads}");
+            }
+        }
+        // Odd lengths, partial last blocks, tiny and huge scales (float16
+        // overflow and subnormals), a NaN scale.
+        for (i, &n) in [1usize, 63, 4097, 70_001].iter().enumerate() {
+            for &bs in &[32usize, 64, 4096] {
+                for qt in [QuantType::Nf4, QuantType::Fp4] {
+                    let x = data(n, (i * 7 + bs) as u64, [1.0, 1e-38, 1e38, 7e4][i % 4]);
+                    let (p, mut a, _) = roundtrip(Isa::Scalar, &x, qt, bs, 1);
+                    let mid = a.len() / 2;
+                    a[mid] = f32::NAN;
+                    for isa in cpu::available() {
+                        check::<Bf16, Bf16InF32>(isa, &p, Scales::Plain(&a), qt, bs, n);
+                        check::<F16, F16InF32>(isa, &p, Scales::Plain(&a), qt, bs, n);
+                    }
+                }
+            }
         }
     }
 
