@@ -577,12 +577,14 @@ def _dequantize_4bit_into(packed: torch.Tensor, qs, out: torch.Tensor,
                           round_to: Optional[torch.dtype] = None) -> torch.Tensor:
     """Dequantize checked, contiguous uint8 ``packed`` into ``out`` of any float dtype.
 
-    ``round_to`` (bfloat16 or float16, with a float32 CPU ``out``): each value
+    ``round_to`` (bfloat16 or float16, with a float32 ``out``): each value
     rounded to that dtype's precision first, as dequantizing to it and
-    widening would give, in one pass.
+    widening would give (in one pass on the CPU).
     """
     if out.is_cuda:
-        return _cuda.dequantize_4bit(packed, qs, out)
+        if round_to is None or round_to == out.dtype:
+            return _cuda.dequantize_4bit(packed, qs, out)
+        return out.copy_(_cuda.dequantize_4bit(packed, qs, torch.empty(out.shape, dtype=round_to, device=out.device)))
     dtype_name = _FLOAT_DTYPES[out.dtype]
     kwargs = _scale_kwargs(qs, _flat_view)
     if round_to is not None:
