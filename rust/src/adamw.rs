@@ -22,7 +22,7 @@
 //! and no step count, so a paged optimizer can run them on any page-sized
 //! piece of a tensor.
 
-use rayon::prelude::*;
+use std::sync::Mutex;
 
 use crate::cpu::{self, Isa};
 use crate::elem::Elem;
@@ -163,12 +163,20 @@ pub fn adamw_step_isa<T: Elem>(
         step_chunk_isa(isa, p, g, m, v, h);
         return Ok(());
     }
-    parallel::pool(threads).install(|| {
-        p.par_chunks_mut(per_task)
-            .zip(g.par_chunks(per_task))
-            .zip(m.par_chunks_mut(per_task))
-            .zip(v.par_chunks_mut(per_task))
-            .for_each(|(((p, g), m), v)| step_chunk_isa(isa, p, g, m, v, h));
+    // As adamw8: one lock per task, taken once, so that torch's OpenMP team
+    // (inside torch) can run the tasks instead of a second pool.
+    type Task<'a, T> = (&'a mut [T], &'a [T], &'a mut [f32], &'a mut [f32]);
+    let tasks: Vec<Mutex<Task<T>>> = p
+        .chunks_mut(per_task)
+        .zip(g.chunks(per_task))
+        .zip(m.chunks_mut(per_task))
+        .zip(v.chunks_mut(per_task))
+        .map(|(((p, g), m), v)| Mutex::new((p, g, m, v)))
+        .collect();
+    parallel::run_tasks(threads, tasks.len(), &|i| {
+        let mut t = tasks[i].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (p, g, m, v) = &mut *t;
+        step_chunk_isa(isa, p, g, m, v, h);
     });
     Ok(())
 }

@@ -44,9 +44,7 @@
 //! The kernel takes slices that start on a block boundary, so a paged
 //! optimizer can call it on any run of whole blocks.
 
-use std::sync::OnceLock;
-
-use rayon::prelude::*;
+use std::sync::{Mutex, OnceLock};
 
 use crate::blockwise8::Code8;
 use crate::cpu::{self, Isa};
@@ -1057,13 +1055,22 @@ pub fn adamw8_step_isa<T: Elem>(
         return Ok(());
     }
     let elems = per_task * BLOCK;
-    parallel::pool(threads).install(|| {
-        p.par_chunks_mut(elems)
-            .zip(g.par_chunks(elems))
-            .zip(qm.par_chunks_mut(elems))
-            .zip(qv.par_chunks_mut(elems))
-            .zip(absmax_m.par_chunks_mut(per_task).zip(absmax_v.par_chunks_mut(per_task)))
-            .for_each(|((((p, g), qm), qv), (am, av))| step_blocks_isa(isa, p, g, qm, qv, am, av, h));
+    // One lock per task, each taken once: the slices of a task travel to
+    // whichever thread claims it (torch's OpenMP team inside torch, whose
+    // threads would otherwise spin against a separate pool's for the cores).
+    type Task<'a, T> = (&'a mut [T], &'a [T], &'a mut [u8], &'a mut [u8], &'a mut [f32], &'a mut [f32]);
+    let tasks: Vec<Mutex<Task<T>>> = p
+        .chunks_mut(elems)
+        .zip(g.chunks(elems))
+        .zip(qm.chunks_mut(elems))
+        .zip(qv.chunks_mut(elems))
+        .zip(absmax_m.chunks_mut(per_task).zip(absmax_v.chunks_mut(per_task)))
+        .map(|((((p, g), qm), qv), (am, av))| Mutex::new((p, g, qm, qv, am, av)))
+        .collect();
+    parallel::run_tasks(threads, tasks.len(), &|i| {
+        let mut t = tasks[i].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (p, g, qm, qv, am, av) = &mut *t;
+        step_blocks_isa(isa, p, g, qm, qv, am, av, h);
     });
     Ok(())
 }
