@@ -3,6 +3,8 @@
 //! [b*bs, min((b+1)*bs, n)); element e goes to byte e/2, even e in the high
 //! nibble; an odd n pads the last low nibble with the code of 0.0.
 
+use std::sync::Mutex;
+
 use rayon::prelude::*;
 
 use crate::codebook::{encode_fp4, encode_nf4, QuantType};
@@ -747,13 +749,14 @@ pub fn dequantize_4bit_isa<T: Elem>(
         return Ok(());
     }
     let elems = per_task * blocksize;
-    parallel::pool(threads).install(|| {
-        out.par_chunks_mut(elems)
-            .zip(packed.par_chunks(elems / 2))
-            .enumerate()
-            .for_each(|(i, (os, ps))| {
-                dequant_chunk_isa(isa, ps, &scales, i * per_task, table, blocksize, os, stream)
-            })
+    // torch's OpenMP team runs the tasks inside torch (parallel::run_tasks):
+    // this runs between torch operations in every 4-bit forward and
+    // backward, just when that team's threads spin for the next one.
+    let tasks: Vec<Mutex<&mut [T]>> = out.chunks_mut(elems).map(Mutex::new).collect();
+    parallel::run_tasks(threads, tasks.len(), &|i| {
+        let mut os = tasks[i].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let ps = &packed[i * elems / 2..packed.len().min((i + 1) * elems / 2)];
+        dequant_chunk_isa(isa, ps, &scales, i * per_task, table, blocksize, &mut os, stream)
     });
     Ok(())
 }
