@@ -436,9 +436,10 @@ struct Part<'a> {
     paired: bool,
     /// Decoded scales of blocks from `b_lo` (empty when `nested` is set).
     sc: &'a [f32],
-    /// Double-quantized scales that the row walk decodes as it goes (the
-    /// natural-layout kernels): a separate decoding pass took about a sixth
-    /// of a one-token call.
+    /// Double-quantized scales, decoded by the natural and paired kernels as
+    /// they go (the row walk one at a time, the paired kernel a row at a
+    /// time): a separate pass over a task's scales into a fresh buffer took
+    /// about a sixth of a one-token call.
     nested: Option<&'a Nested<'a>>,
     b_lo: usize,
     bs: usize,
