@@ -5,8 +5,6 @@
 
 use std::sync::Mutex;
 
-use rayon::prelude::*;
-
 use crate::codebook::{encode_fp4, encode_nf4, QuantType};
 use crate::cpu::{self, Isa};
 use crate::elem::Elem;
@@ -263,19 +261,27 @@ pub fn quantize_4bit_isa<T: Elem>(
         return quantize_chunk_isa(isa, x, qt, blocksize, packed, absmax, 0);
     }
     let elems = per_task * blocksize;
-    let first_error = parallel::pool(threads).install(|| {
-        x.par_chunks(elems)
-            .zip(packed.par_chunks_mut(elems / 2))
-            .zip(absmax.par_chunks_mut(per_task))
-            .enumerate()
-            .filter_map(|(i, ((xs, ps), am))| {
-                quantize_chunk_isa(isa, xs, qt, blocksize, ps, am, i * elems).err()
-            })
-            .min_by_key(|e| match e {
-                Error::NonFinite { index } => *index,
-                _ => 0,
-            })
+    // On torch's OpenMP team inside torch (see dequantize_4bit); each task
+    // keeps its own error, and the first one in element order is reported.
+    type Task<'a> = (&'a mut [u8], &'a mut [f32], Option<Error>);
+    let tasks: Vec<Mutex<Task>> = packed
+        .chunks_mut(elems / 2)
+        .zip(absmax.chunks_mut(per_task))
+        .map(|(ps, am)| Mutex::new((ps, am, None)))
+        .collect();
+    parallel::run_tasks(threads, tasks.len(), &|i| {
+        let mut t = tasks[i].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (ps, am, err) = &mut *t;
+        let xs = &x[i * elems..n.min((i + 1) * elems)];
+        *err = quantize_chunk_isa(isa, xs, qt, blocksize, ps, am, i * elems).err();
     });
+    let first_error = tasks
+        .into_iter()
+        .filter_map(|t| t.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()).2)
+        .min_by_key(|e| match e {
+            Error::NonFinite { index } => *index,
+            _ => 0,
+        });
     first_error.map_or(Ok(()), Err)
 }
 
@@ -949,6 +955,17 @@ pub(crate) mod tests {
                 let err = quantize_4bit(&x, QuantType::Nf4, 64, &mut p, &mut a, threads).unwrap_err();
                 assert_eq!(err, Error::NonFinite { index: 640 });
             }
+        }
+        // Several tasks, a bad value in two of them: the first is reported,
+        // whichever task finishes first.
+        let mut x = data(1 << 20, 4, 1.0);
+        x[900_001] = f32::NAN;
+        x[300_001] = f32::INFINITY;
+        let mut p = vec![0u8; 1 << 19];
+        let mut a = vec![0f32; (1 << 20) / 64];
+        for threads in [2, 3, 8] {
+            let err = quantize_4bit(&x, QuantType::Nf4, 64, &mut p, &mut a, threads).unwrap_err();
+            assert_eq!(err, Error::NonFinite { index: 300_001 / 64 * 64 }, "threads={threads}");
         }
     }
 
