@@ -175,6 +175,14 @@ def test_out_argument():
         QF.gemv_4bit(A, packed, state, out=torch.empty(2, 39, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="contiguous"):
         QF.gemv_4bit(A, packed, state, out=torch.empty(40, 2, dtype=torch.bfloat16).t())
+    # The kernel gets addresses: an output that is (part of) the input is refused, not raced.
+    square, sq_state = quantized(128, 128)
+    B = torch.randn(2, 128)
+    with pytest.raises(ValueError, match="overlap"):
+        QF.gemv_4bit(B, square, sq_state, out=B)
+    buf = torch.randn(3, 128)
+    with pytest.raises(ValueError, match="overlap"):
+        QF.gemv_4bit(buf[:2], square, sq_state, out=buf[1:])
 
 
 def test_scale_cache_follows_changes_to_the_state():
@@ -190,6 +198,15 @@ def test_scale_cache_follows_changes_to_the_state():
     nested.state2.absmax.mul_(3)
     assert_matches(QF.gemv_4bit(A, packed, nested), A, packed, nested)
     assert not torch.allclose(QF.gemv_4bit(A, packed, nested), y)
+    # The native handle copies the nested code book: changing it in place must be seen.
+    nested.state2.code.mul_(0.5)
+    assert_matches(QF.gemv_4bit(A, packed, nested), A, packed, nested)
+    # The packed bytes are read where they lie: in-place changes and swapped memory both count.
+    before = QF.gemv_4bit(A, packed, nested)
+    packed.copy_(packed.flip(0))
+    assert_matches(QF.gemv_4bit(A, packed, nested), A, packed, nested)
+    packed.data = packed.data.flip(0).clone()
+    assert torch.equal(QF.gemv_4bit(A, packed, nested), before)
 
 
 # ---------------------------------------------------------------- bitsandbytes

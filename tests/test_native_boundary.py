@@ -100,20 +100,51 @@ def dequantize_4bit_cases():
     yield "negative blocksize", {**ok, "blocksize": -64}, BAD + (OverflowError,)
 
 
-def gemv_4bit_cases():
+def gemv_weight_cases():
+    """``Gemv4Weight``: the weight checked once at construction."""
     n, k, bs = 8, 64, 64
     packed, absmax = _q4(n * k, bs)
-    ok = dict(x=f32(2 * k), dtype="float32", tokens=2, packed=packed, quant_type="nf4", blocksize=bs, n=n, k=k,
-              out=np.zeros(2 * n, np.float32), threads=1, absmax=absmax)
+    ok = dict(packed=packed, quant_type="nf4", blocksize=bs, n=n, k=k, absmax=absmax)
+    nested = dict(packed=packed, quant_type="nf4", blocksize=bs, n=n, k=k, qabsmax=np.zeros(n * k // bs, np.uint8),
+                  absmax2=np.ones(1, np.float32), code2=code8(), offset=0.5, blocksize2=256)
     yield "ok", ok, None
-    yield "tokens too many", {**ok, "tokens": 3}, ValueError
+    yield "ok nested", nested, None
     yield "n wrong", {**ok, "n": 9}, ValueError
     yield "k wrong", {**ok, "k": 32}, ValueError
     yield "n*k overflows", {**ok, "n": 2**62, "k": 2**62}, ValueError
-    yield "short out", {**ok, "out": np.zeros(2 * n - 1, np.float32)}, ValueError
-    yield "mixed dtypes", {**ok, "out": np.zeros(2 * n, np.int16)}, TypeError
-    yield "x strided", {**ok, "x": f32(4 * k)[::2]}, ValueError
-    yield "x misaligned", {**ok, "x": misaligned_f32(2 * k)}, ValueError
+    yield "short absmax", {**ok, "absmax": absmax[:-1].copy()}, ValueError
+    yield "bad blocksize", {**ok, "blocksize": 48}, ValueError
+    yield "bad quant type", {**ok, "quant_type": "int4"}, ValueError
+    yield "absmax and nested", {**nested, "absmax": absmax}, ValueError
+    yield "nested code 255", {**nested, "code2": code8()[:255].copy()}, ValueError
+    yield "nested absmax2 short", {**nested, "absmax2": np.ones(0, np.float32)}, ValueError
+    yield "packed strided", {**ok, "packed": np.repeat(packed, 2)[::2]}, ValueError
+    yield "absmax misaligned", {**ok, "absmax": misaligned_f32(len(absmax))}, ValueError
+
+
+def Gemv4Weight(**kwargs):  # noqa: N802 - named for the class whose construction it checks
+    return _native.Gemv4Weight(**kwargs)
+
+
+def gemv_run_cases():
+    """``Gemv4Weight.run``: addresses and sizes (Python checks the tensors behind them; Rust what it can)."""
+    n, k, bs = 8, 64, 64
+    packed, absmax = _q4(n * k, bs)
+    w = _native.Gemv4Weight(packed, "nf4", bs, n, k, absmax=absmax)
+    x, out = f32(2 * k), np.zeros(2 * n, np.float32)
+    buf = np.zeros(8 * k, np.float32)
+    ok = dict(x=x.ctypes.data, out=out.ctypes.data, dtype="float32", tokens=2, threads=1)
+    yield "ok", w, ok, None
+    yield "ok bfloat16", w, {**ok, "dtype": "bfloat16"}, None
+    yield "dtype float64", w, {**ok, "dtype": "float64"}, TypeError
+    yield "null input", w, {**ok, "x": 0}, ValueError
+    yield "misaligned output", w, {**ok, "out": out.ctypes.data + 1}, ValueError
+    yield "input and output overlap", w, {**ok, "x": buf.ctypes.data, "out": buf.ctypes.data + 4 * k}, ValueError
+    yield "tokens overflow", w, {**ok, "tokens": 2**62}, ValueError
+    yield "bad isa", w, {**ok, "isa": "sse"}, ValueError
+    yield "negative address", w, {**ok, "x": -8}, BAD + (OverflowError,)
+    # Keep the arrays alive for as long as the addresses are used.
+    gemv_run_cases.keep = (x, out, buf)
 
 
 def blockwise_cases():
@@ -253,7 +284,7 @@ CASES = [
     for fn, gen in [
         (_native.quantize_4bit, quantize_4bit_cases),
         (_native.dequantize_4bit, dequantize_4bit_cases),
-        (_native.gemv_4bit, gemv_4bit_cases),
+        (Gemv4Weight, gemv_weight_cases),
         (_native.quantize_blockwise, blockwise_cases),
         (_native.dequantize_blockwise, dequantize_blockwise_cases),
         (_native.adamw_step, adamw_cases),
@@ -275,6 +306,19 @@ def test_native_rejects_bad_arguments(fn, name, kwargs, exc):
         return
     with pytest.raises(exc) as info:
         fn(**kwargs)
+    assert str(info.value), "the exception must say what was wrong"
+
+
+RUN_CASES = list(gemv_run_cases())
+
+
+@pytest.mark.parametrize("w,kwargs,exc", [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
+def test_gemv_run_rejects_bad_arguments(w, kwargs, exc):
+    if exc is None:
+        w.run(**kwargs)
+        return
+    with pytest.raises(exc) as info:
+        w.run(**kwargs)
     assert str(info.value), "the exception must say what was wrong"
 
 
@@ -430,9 +474,11 @@ def test_kernels_release_the_gil():
     x, out = f32(tokens * k), np.empty(tokens * n, np.float32)
     window: list[float] = []
 
+    w = _native.Gemv4Weight(packed, "nf4", 64, n, k, absmax=absmax)
+
     def call():
         window.append(time.perf_counter())
-        _native.gemv_4bit(x, "float32", tokens, packed, "nf4", 64, n, k, out, 1, absmax=absmax)
+        w.run(x.ctypes.data, out.ctypes.data, "float32", tokens, 1)
         window.append(time.perf_counter())
 
     ticks = []

@@ -113,25 +113,6 @@ def cross_entropy_grad(
     threads: int,
     isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
 ) -> None: ...
-def gemv_4bit(
-    x: npt.NDArray[np.float32] | npt.NDArray[np.int16],
-    dtype: _Float,
-    tokens: int,
-    packed: npt.NDArray[np.uint8],
-    quant_type: Literal["nf4", "fp4"],
-    blocksize: int,
-    n: int,
-    k: int,
-    out: npt.NDArray[np.float32] | npt.NDArray[np.int16],
-    threads: int,
-    absmax: Optional[npt.NDArray[np.float32]] = None,
-    qabsmax: Optional[npt.NDArray[np.uint8]] = None,
-    absmax2: Optional[npt.NDArray[np.float32]] = None,
-    code2: Optional[npt.NDArray[np.float32]] = None,
-    offset: float = 0.0,
-    blocksize2: int = 256,
-    isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
-) -> None: ...
 def adamw_step(
     p: npt.NDArray[np.float32] | npt.NDArray[np.int16],
     g: npt.NDArray[np.float32] | npt.NDArray[np.int16],
@@ -169,6 +150,36 @@ def adamw8_step(
     threads: int,
     isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
 ) -> None: ...
+
+class Gemv4Weight:
+    """A 4-bit weight's buffers checked once for repeated ``run`` calls (rust/src/gemv.rs)."""
+
+    def __init__(
+        self,
+        packed: npt.NDArray[np.uint8],
+        quant_type: Literal["nf4", "fp4"],
+        blocksize: int,
+        n: int,
+        k: int,
+        absmax: Optional[npt.NDArray[np.float32]] = None,
+        qabsmax: Optional[npt.NDArray[np.uint8]] = None,
+        absmax2: Optional[npt.NDArray[np.float32]] = None,
+        code2: Optional[npt.NDArray[np.float32]] = None,
+        offset: float = 0.0,
+        blocksize2: int = 256,
+    ) -> None: ...
+    @property
+    def shape(self) -> tuple[int, int]: ...
+    def run(
+        self,
+        x: int,
+        out: int,
+        dtype: _Float,
+        tokens: int,
+        threads: int,
+        isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
+    ) -> None:
+        """``out = x @ W.T``; ``x`` and ``out`` are ``data_ptr()`` addresses of contiguous CPU buffers (internal)."""
 
 class PagedState:
     """Paged AdamW / AdamW8bit state (rust/src/paged_adamw.rs); ``state_dir`` None keeps pages in host memory."""

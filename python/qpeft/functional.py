@@ -138,9 +138,10 @@ def _check_cpu(name: str, t: torch.Tensor) -> None:
 
 def _on_cuda(name: str, t: torch.Tensor) -> bool:
     """The backend choice: True for a CUDA tensor (qpeft._cuda), False for a CPU one (Rust)."""
-    if t.device.type == "cuda":
+    if t.is_cuda:
         return True
-    _check_cpu(name, t)
+    if not t.is_cpu:
+        _check_cpu(name, t)
     return False
 
 
@@ -671,9 +672,11 @@ def _gemv_4bit(
 ) -> torch.Tensor:
     """:func:`gemv_4bit` on a chosen instruction set (``isa``; for tests and benches).
 
-    This runs once per layer per generated token, so it is written to cost
-    little: the weight's checks and NumPy views are made once per (B, state)
-    and remembered (see :func:`_weight_args`); the input's are cheap.
+    This runs once per layer per generated token, on matrices small enough
+    that the call can cost as much as the product, so it is written to cost
+    little: the weight is checked once per (B, state) and its native handle
+    remembered (see :func:`_weight_handle`), and the input and output go to
+    the kernel by address, checked here, with no NumPy views.
     """
     _check_tensor("A", A)
     dtype_name = _FLOAT_DTYPES.get(A.dtype)
@@ -686,7 +689,7 @@ def _gemv_4bit(
         n, k, packed = _weight_packed(B, quant_state, A.device)
         weight = None
     else:
-        n, k, weight = _weight_args(B, quant_state)
+        n, k, weight = _weight_handle(B, quant_state)
     a_shape = A.shape
     if not a_shape or a_shape[-1] != k:
         raise ValueError(
@@ -698,13 +701,15 @@ def _gemv_4bit(
         out = torch.empty((*a_shape[:-1], n), dtype=A.dtype, device=A.device)
     else:
         _check_out(out, tokens * n, A.dtype, A.device)
-    x = A.detach()
-    if not x.is_contiguous():
-        x = x.contiguous()
+    # Only the memory is read (autograd records nothing): no detach needed for the address.
+    x = A if A.is_contiguous() else A.detach().contiguous()
     if weight is None:
-        _cuda.gemv_4bit(x, packed, quant_state, n, k, tokens, out.detach())
+        _cuda.gemv_4bit(x.detach(), packed, quant_state, n, k, tokens, out.detach())
         return out
-    _native.gemv_4bit(_np_flat(x), dtype_name, tokens, out=_np_flat(out.detach()), threads=_threads(), isa=isa, **weight)
+    # x is a contiguous CPU tensor of tokens * K elements of dtype_name, and
+    # out one of tokens * N (made here or checked by _check_out); the kernel
+    # refuses overlapping buffers.
+    weight.run(x.data_ptr(), out.data_ptr(), dtype_name, tokens, _threads(), isa)
     return out
 
 
@@ -715,8 +720,8 @@ def _np_flat(t: torch.Tensor):
     return t.numpy().reshape(-1)
 
 
-def _weight_args(B: torch.Tensor, qs: Any) -> tuple[int, int, dict[str, Any]]:
-    """``(N, K, kwargs)``: a packed 4-bit matrix and its state, checked, as native keyword arguments.
+def _weight_handle(B: torch.Tensor, qs: Any) -> tuple[int, int, Any]:
+    """``(N, K, handle)``: a packed 4-bit matrix and its state, checked, as a ``_native.Gemv4Weight``.
 
     Checking the state and making NumPy views of its tensors costs more than a
     small matrix-vector product, so the result is remembered per state object
@@ -754,7 +759,8 @@ def _weight_args(B: torch.Tensor, qs: Any) -> tuple[int, int, dict[str, Any]]:
     if entry is not None and entry[0]() is qs and entry[1] == key:
         args = entry[3]
     else:
-        args = _check_weight(B, qs)
+        n, k, kwargs = _check_weight(B, qs)
+        args = (n, k, _native.Gemv4Weight(**kwargs))
     try:
         ref = weakref.ref(qs, lambda _, i=id(qs): _WEIGHT_CACHE.pop(i, None))
     except TypeError:  # an object without weak references: no caching
@@ -773,7 +779,7 @@ def _weight_args(B: torch.Tensor, qs: Any) -> tuple[int, int, dict[str, Any]]:
     return args
 
 
-#: id(quant state) -> (weak reference to it, key, the tensors the key names, args, fast-path record); see _weight_args.
+#: id(quant state) -> (weak reference to it, key, the tensors the key names, (N, K, handle), fast-path record); see _weight_handle.
 _WEIGHT_CACHE: dict[int, tuple] = {}
 
 

@@ -231,6 +231,20 @@ fn run_with_helpers(threads: usize, helpers: usize, work: &(dyn Fn(usize) + Sync
 }
 
 fn check(w: &Weight4, x_len: usize, tokens: usize, y_len: usize) -> Result<()> {
+    check_weight(w)?;
+    let (n, k) = (w.n, w.k);
+    let sized = |len: usize, cols: usize, what: &str| match tokens.checked_mul(cols) {
+        Some(need) if need == len => Ok(()),
+        _ => Err(invalid(format!(
+            "{what} must have tokens * {cols} = {tokens} * {cols} values, got {len}"
+        ))),
+    };
+    sized(x_len, k, "input")?;
+    sized(y_len, n, "output")
+}
+
+/// The weight's half of [`check`]: block size, packed length, scales.
+pub fn check_weight(w: &Weight4) -> Result<()> {
     check_blocksize(w.blocksize)?;
     let (n, k) = (w.n, w.k);
     let numel = n
@@ -243,15 +257,7 @@ fn check(w: &Weight4, x_len: usize, tokens: usize, y_len: usize) -> Result<()> {
             w.packed.len()
         )));
     }
-    w.scales.check(numel.div_ceil(w.blocksize))?;
-    let sized = |len: usize, cols: usize, what: &str| match tokens.checked_mul(cols) {
-        Some(need) if need == len => Ok(()),
-        _ => Err(invalid(format!(
-            "{what} must have tokens * {cols} = {tokens} * {cols} values, got {len}"
-        ))),
-    };
-    sized(x_len, k, "input")?;
-    sized(y_len, n, "output")
+    w.scales.check(numel.div_ceil(w.blocksize))
 }
 
 /// How [`XBuf`] lays x out for a kernel.

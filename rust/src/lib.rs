@@ -379,56 +379,181 @@ mod bindings {
         }))
     }
 
-    /// y = x @ W.T for a 4-bit N x K weight (rust/src/gemv.rs); x is
-    /// tokens x K and out tokens x N, both flat and of type `dtype`.
-    #[pyfunction]
-    #[pyo3(signature = (x, dtype, tokens, packed, quant_type, blocksize, n, k, out, threads, absmax=None,
-                        qabsmax=None, absmax2=None, code2=None, offset=0.0, blocksize2=256, isa=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn gemv_4bit(
-        py: Python<'_>,
-        x: &Bound<'_, PyAny>,
-        dtype: &str,
-        tokens: usize,
-        packed: PyReadonlyArray1<'_, u8>,
-        quant_type: &str,
+    /// A 4-bit weight's buffers, checked once, for many calls of
+    /// [`Gemv4Weight::run`] (`functional._gemv_4bit` keeps one per weight while
+    /// its tensors stay the same). At decode a call multiplies a few hundred
+    /// thousand weights in tens of microseconds, so converting and checking
+    /// eight arguments on every call costs as much as the product.
+    ///
+    /// It holds the NumPy arrays it was made from (so their memory lives as
+    /// long as it does) and their addresses; it copies nothing.
+    #[pyclass(module = "qpeft._native", frozen)]
+    struct Gemv4Weight {
+        packed: (usize, usize),
+        scales: RawScales,
+        quant_type: QuantType,
         blocksize: usize,
         n: usize,
         k: usize,
-        out: &Bound<'_, PyAny>,
-        threads: usize,
-        absmax: Option<PyReadonlyArray1<'_, f32>>,
-        qabsmax: Option<PyReadonlyArray1<'_, u8>>,
-        absmax2: Option<PyReadonlyArray1<'_, f32>>,
-        code2: Option<PyReadonlyArray1<'_, f32>>,
-        offset: f32,
-        blocksize2: usize,
-        isa: Option<&str>,
-    ) -> PyResult<()> {
-        use crate::gemv::{self, Weight4};
-        let quant_type = parse_quant_type(quant_type)?;
-        let isa = parse_isa(isa)?;
-        let packed = slice(&packed, "packed")?;
-        let mut code = [0.0f32; 256];
-        let scales = scales(&absmax, &qabsmax, &absmax2, &code2, offset, blocksize2, &mut code)?;
-        let w = Weight4 { packed, scales, quant_type, blocksize, n, k };
-        let inp = input(x, dtype)?;
-        let mut outp = output(out, dtype)?;
-        match (&inp, &mut outp) {
-            (In::F32(a), Out::F32(b)) => {
-                let (xs, o): (&[f32], &mut [f32]) = (slice(a, "input")?, slice_mut(b, "output")?);
-                run(py, || gemv::gemv_4bit_isa(isa, &w, xs, tokens, o, threads))
+        _keep: Vec<Py<PyAny>>,
+    }
+
+    /// [`Scales`] as addresses and lengths (slices cannot live in a pyclass).
+    enum RawScales {
+        Plain((usize, usize)),
+        Nested { qabsmax: (usize, usize), absmax2: (usize, usize), code: Box<[f32; 256]>, offset: f32, blocksize2: usize },
+    }
+
+    fn raw<T>(s: &[T]) -> (usize, usize) {
+        (s.as_ptr() as usize, s.len())
+    }
+
+    /// # Safety
+    /// `(addr, len)` came from [`raw`] on memory that is still alive.
+    unsafe fn unraw<'a, T>((addr, len): (usize, usize)) -> &'a [T] {
+        std::slice::from_raw_parts(addr as *const T, len)
+    }
+
+    impl Gemv4Weight {
+        fn weight(&self) -> crate::gemv::Weight4<'_> {
+            // SAFETY: every address is of an array in `_keep`, which lives as long as self.
+            let scales = unsafe {
+                match &self.scales {
+                    RawScales::Plain(a) => Scales::Plain(unraw(*a)),
+                    RawScales::Nested { qabsmax, absmax2, code, offset, blocksize2 } => Scales::Nested(Nested {
+                        qabsmax: unraw(*qabsmax),
+                        absmax2: unraw(*absmax2),
+                        code,
+                        offset: *offset,
+                        blocksize2: *blocksize2,
+                    }),
+                }
+            };
+            crate::gemv::Weight4 {
+                packed: unsafe { unraw(self.packed) },
+                scales,
+                quant_type: self.quant_type,
+                blocksize: self.blocksize,
+                n: self.n,
+                k: self.k,
             }
-            (In::Bits(a, true), Out::Bits(b, true)) => {
-                let (xs, o): (&[Bf16], &mut [Bf16]) = (as_elems(slice(a, "input")?), as_elems_mut(slice_mut(b, "output")?));
-                run(py, || gemv::gemv_4bit_isa(isa, &w, xs, tokens, o, threads))
+        }
+    }
+
+    /// Turn an address from Python (`tensor.data_ptr()`) into a slice of `len`
+    /// elements, refusing null and misaligned ones.
+    ///
+    /// # Safety
+    /// The caller vouches that `len` elements of `T` live at `addr` for `'a`.
+    unsafe fn from_addr<'a, T>(addr: usize, len: usize, what: &str) -> PyResult<&'a mut [T]> {
+        if len == 0 {
+            return Ok(&mut []);
+        }
+        if addr == 0 || addr % std::mem::align_of::<T>() != 0 {
+            return Err(PyValueError::new_err(format!("{what} address {addr:#x} is null or misaligned")));
+        }
+        Ok(std::slice::from_raw_parts_mut(addr as *mut T, len))
+    }
+
+    #[pymethods]
+    impl Gemv4Weight {
+        #[new]
+        #[pyo3(signature = (packed, quant_type, blocksize, n, k, absmax=None, qabsmax=None, absmax2=None, code2=None,
+                            offset=0.0, blocksize2=256))]
+        #[allow(clippy::too_many_arguments)]
+        fn new(
+            packed: PyReadonlyArray1<'_, u8>,
+            quant_type: &str,
+            blocksize: usize,
+            n: usize,
+            k: usize,
+            absmax: Option<PyReadonlyArray1<'_, f32>>,
+            qabsmax: Option<PyReadonlyArray1<'_, u8>>,
+            absmax2: Option<PyReadonlyArray1<'_, f32>>,
+            code2: Option<PyReadonlyArray1<'_, f32>>,
+            offset: f32,
+            blocksize2: usize,
+        ) -> PyResult<Self> {
+            let quant_type = parse_quant_type(quant_type)?;
+            let mut code = [0.0f32; 256];
+            let s = scales(&absmax, &qabsmax, &absmax2, &code2, offset, blocksize2, &mut code)?;
+            let p = slice(&packed, "packed")?;
+            let w = crate::gemv::Weight4 { packed: p, scales: s, quant_type, blocksize, n, k };
+            // The weight's half of gemv's checks, once (each call repeats them; they are cheap).
+            crate::gemv::check_weight(&w).map_err(to_py)?;
+            let scales = match s {
+                Scales::Plain(a) => RawScales::Plain(raw(a)),
+                Scales::Nested(ns) => RawScales::Nested {
+                    qabsmax: raw(ns.qabsmax),
+                    absmax2: raw(ns.absmax2),
+                    code: Box::new(code),
+                    offset,
+                    blocksize2,
+                },
+            };
+            let packed_raw = raw(p);
+            let mut keep = vec![packed.as_any().clone().unbind()];
+            keep.extend([absmax.map(|a| a.as_any().clone().unbind()), qabsmax.map(|a| a.as_any().clone().unbind()),
+                         absmax2.map(|a| a.as_any().clone().unbind())].into_iter().flatten());
+            Ok(Gemv4Weight { packed: packed_raw, scales, quant_type, blocksize, n, k, _keep: keep })
+        }
+
+        /// y = x @ W.T for `tokens` rows: x (tokens x K) and out (tokens x N)
+        /// are given by address, contiguous, of type `dtype`, not overlapping.
+        /// Internal: `functional._gemv_4bit` passes the `data_ptr()` of CPU
+        /// tensors it has just checked; anything else is undefined behaviour.
+        #[pyo3(signature = (x, out, dtype, tokens, threads, isa=None))]
+        #[allow(clippy::too_many_arguments)]
+        fn run(
+            &self,
+            py: Python<'_>,
+            x: usize,
+            out: usize,
+            dtype: &str,
+            tokens: usize,
+            threads: usize,
+            isa: Option<&str>,
+        ) -> PyResult<()> {
+            use crate::gemv;
+            let isa = parse_isa(isa)?;
+            let w = self.weight();
+            let too_big = || PyValueError::new_err(format!("{tokens} tokens of this weight overflow memory"));
+            let x_len = tokens.checked_mul(self.k).ok_or_else(too_big)?;
+            let y_len = tokens.checked_mul(self.n).ok_or_else(too_big)?;
+            let size = match dtype {
+                "float32" => 4,
+                "float16" | "bfloat16" => 2,
+                other => {
+                    return Err(PyTypeError::new_err(format!("dtype must be float32, float16 or bfloat16, got {other}")))
+                }
+            };
+            let (x_end, y_end) = (x.saturating_add(x_len * size), out.saturating_add(y_len * size));
+            if x_len > 0 && y_len > 0 && x < y_end && out < x_end {
+                return Err(PyValueError::new_err("the input and the output overlap; pass a separate output"));
             }
-            (In::Bits(a, false), Out::Bits(b, false)) => {
-                let (xs, o): (&[F16], &mut [F16]) = (as_elems(slice(a, "input")?), as_elems_mut(slice_mut(b, "output")?));
-                run(py, || gemv::gemv_4bit_isa(isa, &w, xs, tokens, o, threads))
+            // SAFETY: the caller vouches for both buffers (see the docstring); they do not overlap.
+            unsafe {
+                match dtype {
+                    "float32" => {
+                        let (xs, o) = (from_addr::<f32>(x, x_len, "input")?, from_addr::<f32>(out, y_len, "output")?);
+                        run(py, || gemv::gemv_4bit_isa(isa, &w, xs, tokens, o, threads))
+                    }
+                    "bfloat16" => {
+                        let (xs, o) = (from_addr::<Bf16>(x, x_len, "input")?, from_addr::<Bf16>(out, y_len, "output")?);
+                        run(py, || gemv::gemv_4bit_isa(isa, &w, xs, tokens, o, threads))
+                    }
+                    _ => {
+                        let (xs, o) = (from_addr::<F16>(x, x_len, "input")?, from_addr::<F16>(out, y_len, "output")?);
+                        run(py, || gemv::gemv_4bit_isa(isa, &w, xs, tokens, o, threads))
+                    }
+                }
             }
-            // input() and output() read the same dtype name, so the variants pair up.
-            _ => Err(PyTypeError::new_err("input and output must have the same dtype")),
+        }
+
+        /// (N, K): the weight's shape.
+        #[getter]
+        fn shape(&self) -> (usize, usize) {
+            (self.n, self.k)
         }
     }
 
@@ -909,7 +1034,6 @@ mod bindings {
         m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
         m.add_function(wrap_pyfunction!(quantize_blockwise, m)?)?;
         m.add_function(wrap_pyfunction!(dequantize_blockwise, m)?)?;
-        m.add_function(wrap_pyfunction!(gemv_4bit, m)?)?;
         m.add_function(wrap_pyfunction!(swiglu_forward, m)?)?;
         m.add_function(wrap_pyfunction!(swiglu_backward, m)?)?;
         m.add_function(wrap_pyfunction!(rmsnorm_backward, m)?)?;
@@ -918,6 +1042,7 @@ mod bindings {
         m.add_function(wrap_pyfunction!(adamw_step, m)?)?;
         m.add_function(wrap_pyfunction!(adamw8_step, m)?)?;
         m.add_class::<PagedState>()?;
+        m.add_class::<Gemv4Weight>()?;
         m.add_function(wrap_pyfunction!(_panic_for_test, m)?)?;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         Ok(())
