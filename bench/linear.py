@@ -13,7 +13,8 @@ Two parts, both in this one process on the same data and thread count:
    dense float32, dense bfloat16, qpeft 4-bit and transformers + bitsandbytes
    4-bit (both NF4, double quant, bfloat16 compute); tokens/s and ratios.
 
-Every time is a median of repeats after a warm-up. Run from the repository
+Every time is a median of repeats after a warm-up, the contenders of a row
+(or the decode models) timed in turn within each repeat. Run from the repository
 root with the virtualenv active::
 
     python bench/linear.py                 # both parts, 2 threads
@@ -51,14 +52,22 @@ with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.St
         bnb = None
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up (first-touch allocations, lazy repacking)
-    samples = []
+def median_ms(fns: dict, repeats: int) -> dict:
+    """Median ms per call of each of ``fns``, timed in turn within every repeat.
+
+    The machines here change speed from one second to the next; timing the
+    contenders round-robin puts every one of them through the same changes,
+    so their ratios hold even when the absolute figures drift.
+    """
+    for fn in fns.values():
+        fn()  # warm-up (first-touch allocations, lazy repacking)
+    samples: dict = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(samples)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(v) for name, v in samples.items()}
 
 
 def machine() -> str:
@@ -94,18 +103,33 @@ def matmul_rows(shape, tokens, repeats):
         b.eval()
     x = torch.randn(tokens, in_f, dtype=torch.bfloat16)
     xg = x.clone().requires_grad_()
-    rows = {}
-    with torch.no_grad():
-        rows["dense fp32"] = median_ms(lambda: F.linear(x.float(), w32), repeats)
-        rows["dense bf16"] = median_ms(lambda: F.linear(x, w16), repeats)
-        rows["qpeft eval"] = median_ms(lambda: q(x), repeats)
-        if b is not None:
-            rows["bnb eval"] = median_ms(lambda: b(x), repeats)
-    rows["qpeft grad"] = median_ms(lambda: q(xg), repeats)
+
+    def inference(fn, module=None):
+        def run():
+            if module is not None:
+                module.eval()  # bitsandbytes picks its fused kernel in eval mode only
+            with torch.no_grad():
+                fn()
+        return run
+
+    def training(fn, module=None):
+        def run():
+            if module is not None:
+                module.train()
+            with torch.enable_grad():
+                fn()
+        return run
+
+    fns = {
+        "dense fp32": inference(lambda: F.linear(x.float(), w32)),
+        "dense bf16": inference(lambda: F.linear(x, w16)),
+        "qpeft eval": inference(lambda: q(x)),
+        "qpeft grad": training(lambda: q(xg)),
+    }
     if b is not None:
-        b.train()
-        rows["bnb grad"] = median_ms(lambda: b(xg), repeats)
-    return rows
+        fns["bnb eval"] = inference(lambda: b(x), b)
+        fns["bnb grad"] = training(lambda: b(xg), b)
+    return median_ms(fns, repeats)
 
 
 def run_matmul(shapes, token_counts, repeats):
@@ -129,13 +153,23 @@ def run_matmul(shapes, token_counts, repeats):
 # --------------------------------------------------------------------- decode
 
 
-def decode_tokens_per_s(model, tok, new_tokens, repeats):
+def decode_tokens_per_s(models: dict, tok, new_tokens, repeats):
+    """``{name: (tokens/s, text)}``: greedy generation with each model, the models timed in turn."""
     prompt = tok("Write a short poem about the sea.", return_tensors="pt")
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
-    with torch.no_grad():
-        ms = median_ms(lambda: model.generate(**prompt, **kw), repeats)
-        text = tok.decode(model.generate(**prompt, **kw)[0, prompt["input_ids"].shape[1]:])
-    return new_tokens / (ms / 1e3), text
+
+    def generate(model):
+        def run():
+            with torch.no_grad():
+                return model.generate(**prompt, **kw)
+        return run
+
+    ms = median_ms({name: generate(m) for name, m in models.items()}, repeats)
+    out = {}
+    for name, m in models.items():
+        text = tok.decode(generate(m)()[0, prompt["input_ids"].shape[1]:])
+        out[name] = (new_tokens / (ms[name] / 1e3), text)
+    return out
 
 
 def run_decode(new_tokens, repeats):
@@ -144,24 +178,20 @@ def run_decode(new_tokens, repeats):
     print(f"\ndecode: SmolLM2-135M-Instruct, batch 1, {new_tokens} new tokens, greedy (tokens/s, higher is better)")
     base, tok = hf.load_model()
     folder = hf.cache_root() / hf.default_model_path().stem  # the safetensors copy load_model made
-    results = {}
     import copy
 
-    results["dense fp32"] = decode_tokens_per_s(base, tok, new_tokens, repeats)
-    dense16 = copy.deepcopy(base).to(torch.bfloat16)
-    results["dense bf16"] = decode_tokens_per_s(dense16, tok, new_tokens, repeats)
-    q = qpeft.quantize_model(copy.deepcopy(base).to(torch.bfloat16))
-    results["qpeft 4-bit"] = decode_tokens_per_s(q, tok, new_tokens, repeats)
-    del q, dense16
+    # All four models at once (about 1 GB for this 135M model), so that they can be timed in turn.
+    models = {"dense fp32": base, "dense bf16": copy.deepcopy(base).to(torch.bfloat16),
+              "qpeft 4-bit": qpeft.quantize_model(copy.deepcopy(base).to(torch.bfloat16))}
     if bnb is not None:
         import transformers
 
         cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
         with contextlib.redirect_stderr(io.StringIO()):
-            m = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=cfg,
-                                                                  dtype=torch.bfloat16, device_map="cpu").eval()
-        results["bnb 4-bit"] = decode_tokens_per_s(m, tok, new_tokens, repeats)
+            models["bnb 4-bit"] = transformers.AutoModelForCausalLM.from_pretrained(
+                folder, quantization_config=cfg, dtype=torch.bfloat16, device_map="cpu").eval()
+    results = decode_tokens_per_s(models, tok, new_tokens, repeats)
     for name, (tps, text) in results.items():
         print(f"  {name:<12} {tps:8.1f} tokens/s   {text[:60]!r}")
     if "bnb 4-bit" in results:
