@@ -141,6 +141,8 @@ def gemv_run_cases():
     yield "misaligned output", w, {**ok, "out": out.ctypes.data + 1}, ValueError
     yield "input and output overlap", w, {**ok, "x": buf.ctypes.data, "out": buf.ctypes.data + 4 * k}, ValueError
     yield "tokens overflow", w, {**ok, "tokens": 2**62}, ValueError
+    yield "buffer past the address space", w, {**ok, "tokens": 2**57}, ValueError
+    yield "address at the end of the address space", w, {**ok, "x": 2**64 - 64}, ValueError
     yield "bad isa", w, {**ok, "isa": "sse"}, ValueError
     yield "negative address", w, {**ok, "x": -8}, BAD + (OverflowError,)
     # Keep the arrays alive for as long as the addresses are used.

@@ -440,19 +440,31 @@ mod bindings {
         }
     }
 
-    /// Turn an address from Python (`tensor.data_ptr()`) into a slice of `len`
-    /// elements, refusing null and misaligned ones.
+    /// Check an address from Python (`tensor.data_ptr()`) for `len` elements
+    /// of `T`: refuse null and misaligned ones (an empty buffer may be null).
+    fn check_addr<T>(addr: usize, len: usize, what: &str) -> PyResult<()> {
+        if len > 0 && (addr == 0 || addr % std::mem::align_of::<T>() != 0) {
+            return Err(PyValueError::new_err(format!("{what} address {addr:#x} is null or misaligned")));
+        }
+        Ok(())
+    }
+
+    /// The input buffer at a checked address, shared (other threads may read it too).
     ///
     /// # Safety
     /// The caller vouches that `len` elements of `T` live at `addr` for `'a`.
-    unsafe fn from_addr<'a, T>(addr: usize, len: usize, what: &str) -> PyResult<&'a mut [T]> {
-        if len == 0 {
-            return Ok(&mut []);
-        }
-        if addr == 0 || addr % std::mem::align_of::<T>() != 0 {
-            return Err(PyValueError::new_err(format!("{what} address {addr:#x} is null or misaligned")));
-        }
-        Ok(std::slice::from_raw_parts_mut(addr as *mut T, len))
+    unsafe fn input_at<'a, T>(addr: usize, len: usize) -> PyResult<&'a [T]> {
+        check_addr::<T>(addr, len, "input")?;
+        Ok(if len == 0 { &[] } else { std::slice::from_raw_parts(addr as *const T, len) })
+    }
+
+    /// The output buffer at a checked address, written by this call alone.
+    ///
+    /// # Safety
+    /// As [`input_at`], and nothing else touches the buffer during the call.
+    unsafe fn output_at<'a, T>(addr: usize, len: usize) -> PyResult<&'a mut [T]> {
+        check_addr::<T>(addr, len, "output")?;
+        Ok(if len == 0 { &mut [] } else { std::slice::from_raw_parts_mut(addr as *mut T, len) })
     }
 
     #[pymethods]
@@ -527,7 +539,14 @@ mod bindings {
                     return Err(PyTypeError::new_err(format!("dtype must be float32, float16 or bfloat16, got {other}")))
                 }
             };
-            let (x_end, y_end) = (x.saturating_add(x_len * size), out.saturating_add(y_len * size));
+            // Each buffer must fit in the address space (a slice may span at most isize::MAX bytes).
+            let end = |addr: usize, len: usize| {
+                len.checked_mul(size)
+                    .filter(|&b| b <= isize::MAX as usize)
+                    .and_then(|b| addr.checked_add(b))
+                    .ok_or_else(too_big)
+            };
+            let (x_end, y_end) = (end(x, x_len)?, end(out, y_len)?);
             if x_len > 0 && y_len > 0 && x < y_end && out < x_end {
                 return Err(PyValueError::new_err("the input and the output overlap; pass a separate output"));
             }
@@ -535,15 +554,15 @@ mod bindings {
             unsafe {
                 match dtype {
                     "float32" => {
-                        let (xs, o) = (from_addr::<f32>(x, x_len, "input")?, from_addr::<f32>(out, y_len, "output")?);
+                        let (xs, o) = (input_at::<f32>(x, x_len)?, output_at::<f32>(out, y_len)?);
                         run(py, || gemv::gemv_4bit_isa(isa, &w, xs, tokens, o, threads))
                     }
                     "bfloat16" => {
-                        let (xs, o) = (from_addr::<Bf16>(x, x_len, "input")?, from_addr::<Bf16>(out, y_len, "output")?);
+                        let (xs, o) = (input_at::<Bf16>(x, x_len)?, output_at::<Bf16>(out, y_len)?);
                         run(py, || gemv::gemv_4bit_isa(isa, &w, xs, tokens, o, threads))
                     }
                     _ => {
-                        let (xs, o) = (from_addr::<F16>(x, x_len, "input")?, from_addr::<F16>(out, y_len, "output")?);
+                        let (xs, o) = (input_at::<F16>(x, x_len)?, output_at::<F16>(out, y_len)?);
                         run(py, || gemv::gemv_4bit_isa(isa, &w, xs, tokens, o, threads))
                     }
                 }
