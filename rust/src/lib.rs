@@ -443,7 +443,7 @@ mod bindings {
     /// Check an address from Python (`tensor.data_ptr()`) for `len` elements
     /// of `T`: refuse null and misaligned ones (an empty buffer may be null).
     fn check_addr<T>(addr: usize, len: usize, what: &str) -> PyResult<()> {
-        if len > 0 && (addr == 0 || addr % std::mem::align_of::<T>() != 0) {
+        if len > 0 && (addr == 0 || !addr.is_multiple_of(std::mem::align_of::<T>())) {
             return Err(PyValueError::new_err(format!("{what} address {addr:#x} is null or misaligned")));
         }
         Ok(())
