@@ -1,7 +1,9 @@
 """Fused 4-bit matmul for few tokens: ``qpeft.functional.gemv_4bit`` (issue "Linear4bit").
 
 The oracle is ``F.linear(A.float(), W)`` with ``W`` the float32 weights
-``dequantize_4bit`` computes (``code[nibble] * absmax[block]``). Tolerances:
+``dequantize_4bit`` computes (``code[nibble] * absmax[block]``), rounded to
+bfloat16 where the kernel rounds them (bfloat16 input of 2 or more tokens on an
+AVX512-BF16 CPU: ``gemv_rounds_weights_to_bf16``). Tolerances:
 float32 output within 1e-5 of ``|A| @ |W|.T`` (the size of the terms summed);
 16-bit output additionally within its own rounding (2^-8 of |y| for bfloat16,
 2^-10 for float16).
@@ -37,9 +39,12 @@ def float32_weight(packed, state):
     return qpeft.dequantize_4bit(packed, s32)
 
 
-def assert_matches(y, A, packed, state, label=""):
+def assert_matches(y, A, packed, state, label="", isa=None):
     w = float32_weight(packed, state)
     n, k = state.shape
+    if QF.gemv_rounds_weights_to_bf16(A.dtype, A.numel() // max(k, 1), k, state.blocksize, isa):
+        # The AVX512-BF16 path multiplies the weights a dense bf16 matmul would get.
+        w = w.bfloat16().float()
     assert y.dtype == A.dtype, label
     assert y.shape == (*A.shape[:-1], n), label
     a = A.float().reshape(-1, k)
@@ -87,7 +92,7 @@ def test_every_instruction_set_agrees(isa, shape):
         for dtype in (torch.float32, torch.bfloat16):
             A = make_input("uniform", (tokens, k), dtype, seed=blocksize)
             y = QF._gemv_4bit(A, packed, state, isa=isa)
-            assert_matches(y, A, packed, state, f"{isa} {shape} bs={blocksize} T={tokens} {dtype}")
+            assert_matches(y, A, packed, state, f"{isa} {shape} bs={blocksize} T={tokens} {dtype}", isa)
 
 
 def test_leading_dimensions_and_one_dimensional_input():

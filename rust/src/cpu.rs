@@ -73,6 +73,22 @@ pub fn best() -> Isa {
     *BEST.get_or_init(detect)
 }
 
+/// Whether this CPU has AVX512-BF16 dot products (`vdpbf16ps`) and the
+/// AVX-512 path is in use (so `QPEFT_MAX_ISA=avx2` turns them off too).
+pub fn has_bf16_dot() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            best() == Isa::Avx512 && is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
 /// Every instruction set this CPU can run, for tests that compare paths.
 pub fn available() -> Vec<Isa> {
     match best() {

@@ -244,6 +244,13 @@ mod bindings {
         cpu::best().name()
     }
 
+    /// Whether the 4-bit matmul multiplies bfloat16 inputs of 2 or more tokens
+    /// with AVX512-BF16 dot products (weights rounded to bfloat16) on this CPU.
+    #[pyfunction]
+    fn cpu_has_bf16_dot() -> bool {
+        cpu::has_bf16_dot()
+    }
+
     /// The 16 values of a 4-bit code book ('nf4' or 'fp4') by code.
     #[pyfunction]
     fn code_4bit(quant_type: &str) -> PyResult<Vec<f32>> {
@@ -1047,6 +1054,7 @@ mod bindings {
     #[pyo3(name = "_native")]
     fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
+        m.add_function(wrap_pyfunction!(cpu_has_bf16_dot, m)?)?;
         m.add_function(wrap_pyfunction!(code_4bit, m)?)?;
         m.add_function(wrap_pyfunction!(dynamic_map, m)?)?;
         m.add_function(wrap_pyfunction!(quantize_4bit, m)?)?;
