@@ -367,11 +367,21 @@ def test_paged_state_rejects_bad_arguments(name, call):
     assert str(info.value)
 
 
+@pytest.mark.parametrize("probe", [_native.cpu_isa, _native.cpu_has_bf16_dot], ids=lambda f: f.__name__)
+def test_cpu_probes_take_no_arguments_and_answer_consistently(probe):
+    with pytest.raises(TypeError):
+        probe(1)
+    assert probe() == probe()
+    if probe is _native.cpu_has_bf16_dot and probe():
+        # vdpbf16ps is an AVX-512 instruction: a CPU that has it reports avx512.
+        assert _native.cpu_isa() == "avx512"
+
+
 def test_every_native_function_is_covered():
     """A new binding must get its row of bad-argument cases above."""
     exported = {n for n in dir(_native) if callable(getattr(_native, n)) and not n.startswith("__")}
-    covered = {c[0].__name__ for c in CASES} | {"cpu_isa", "code_4bit", "dynamic_map", "_panic_for_test",
-                                                 "PagedState"}
+    covered = {c[0].__name__ for c in CASES} | {"cpu_isa", "cpu_has_bf16_dot", "code_4bit", "dynamic_map",
+                                                 "_panic_for_test", "PagedState"}
     assert exported <= covered, f"no boundary cases for {sorted(exported - covered)}"
 
 

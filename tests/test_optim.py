@@ -159,6 +159,31 @@ def test_adamw_step_matches_torch_foreach_moments_bitwise():
 
 
 @pytest.mark.parametrize("kwargs", KWARGS, ids=KWARG_IDS)
+def test_adamw_follows_torch_foreach_within_1e6_over_200_steps_of_the_same_gradients(kwargs):
+    """The optimizer's own rounding over a run: both optimizers get the same
+    gradient sequence, so the model's sensitivity does not amplify one-ulp
+    differences (qpeft stays within about 1.5e-7 of torch's default path)."""
+    torch.manual_seed(0)
+    init = [torch.randn(128, 32) * 0.1, torch.randn(128), torch.randn(10)]
+    ref = [torch.nn.Parameter(x.clone()) for x in init]
+    ours = [torch.nn.Parameter(x.clone()) for x in init]
+    oref, oours = torch.optim.AdamW(ref, **kwargs), AdamW(ours, **kwargs)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(200):
+        for r, o, x in zip(ref, ours, init):
+            r.grad = torch.randn(x.shape, generator=g) * (0.5 + x)
+            o.grad = r.grad.clone()
+        oref.step()
+        oours.step()
+    for r, o in zip(ref, ours):
+        assert _rel(o, r) < 1e-6
+
+
+# Maximizing cross-entropy diverges (the loss climbs from 2.3 to about 43), which
+# amplifies one-ulp differences chaotically: torch's own fused and foreach paths
+# end 0.5-1e-5 apart there, machine-dependently. That case is covered by the
+# same-gradient run above; the MLP runs take the two well-posed settings.
+@pytest.mark.parametrize("kwargs", KWARGS[:2], ids=KWARG_IDS[:2])
 def test_adamw_matches_torch_default_foreach_within_1e6_after_200_steps(kwargs):
     ref, ours, fused = _mlp(), _mlp(), _mlp()
     _train(ref, torch.optim.AdamW(ref.parameters(), **kwargs), 200)
