@@ -325,7 +325,7 @@ mod tests {
         let mut p = vec![0f32; 4];
         let (mut m, mut v) = (vec![0f32; 4], vec![0f32; 3]);
         assert!(adamw_step(&mut p, &[0.0; 4], &mut m, &mut v, &h, 1).is_err());
-        assert!(adamw_step(&mut p, &[0.0; 5], &mut m, &mut vec![0.0; 4], &h, 1).is_err());
+        assert!(adamw_step(&mut p, &[0.0; 5], &mut m, &mut [0.0; 4], &h, 1).is_err());
         let mut e: Vec<f32> = vec![];
         adamw_step(&mut e, &[], &mut [], &mut [], &h, 4).unwrap();
     }

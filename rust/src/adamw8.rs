@@ -862,6 +862,8 @@ fn prefetch_block<T>(p: usize, g: usize, qm: usize, qv: usize, len: usize, at: u
 /// One chunk of whole blocks (the last may be partial).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
+// The prefetch addresses and block numbers are only read on x86.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn step_blocks<T: Elem, const SIMD: u8>(
     p: &mut [T],
     g: &[T],

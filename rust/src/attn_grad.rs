@@ -227,7 +227,7 @@ mod tests {
 
     #[test]
     fn rejects_shapes_that_do_not_fit() {
-        let v = vec![0f32; 12];
+        let v = [0f32; 12];
         let (mut a, mut b) = (vec![0f32; 12], vec![0f32; 12]);
         let lse = vec![0f32; 3];
         assert!(causal_softmax_grad(Isa::Scalar, &mut a, &mut b, &lse, &v[..3], &v[..3], 4, 1, 1.0, 1).is_err());

@@ -6,6 +6,8 @@
 //! thresholds), because that is where most FP4 checkpoints come from.
 
 /// NF4 values by 4-bit code (QLoRA's NormalFloat4; hard-coded, see FORMATS.md).
+// Digits as FORMATS.md and bitsandbytes print them, so they can be compared by eye.
+#[allow(clippy::excessive_precision)]
 pub const NF4: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,

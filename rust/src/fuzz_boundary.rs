@@ -46,7 +46,7 @@ fn values(n: usize, seed: u64, wild: bool) -> Vec<f32> {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
-            if wild && s % 97 == 0 {
+            if wild && s.is_multiple_of(97) {
                 [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN_POSITIVE][(s >> 8) as usize % 5]
             } else {
                 ((s >> 11) as f32 / (1u64 << 53) as f32 - 0.5) * 4.0

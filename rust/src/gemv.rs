@@ -479,7 +479,8 @@ struct Part<'a> {
     /// Floats per token in x (natural or paired layout).
     xs: usize,
     /// x is in the paired layout (and every row is whole blocks of whole
-    /// 32-weight runs).
+    /// 32-weight runs); only the x86 kernels have that layout.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     paired: bool,
     /// Decoded scales of blocks from `b_lo` (empty when `nested` is set).
     sc: &'a [f32],
@@ -543,6 +544,7 @@ impl Ctx<'_> {
 }
 
 /// Runs the kernel for `nt` (1..=16) tokens: res[t * rows + r] = y[t, r0 + r].
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn kernel(isa: Isa, layout: XLayout, nt: usize, p: &Part, x: &[f32], res: &mut [f32]) {
     debug_assert!(x.len() == nt * p.xs && res.len() == nt * (p.r1 - p.r0));
     macro_rules! by_tokens {

@@ -98,7 +98,7 @@ mod bindings {
     /// NumPy can view a buffer at any byte offset (`np.frombuffer(b, offset=1)`);
     /// a Rust slice must be aligned to its element type, so check before making one.
     fn check_aligned<T>(ptr: *const T, what: &str) -> PyResult<()> {
-        if (ptr as usize) % std::mem::align_of::<T>() != 0 {
+        if !(ptr as usize).is_multiple_of(std::mem::align_of::<T>()) {
             return Err(PyValueError::new_err(format!(
                 "{what} is not aligned to its element size ({} bytes); pass a copy (np.ascontiguousarray / tensor.clone())",
                 std::mem::align_of::<T>()

@@ -747,7 +747,7 @@ pub fn dequantize_4bit_isa<T: Elem>(
     crate::memory::advise_hugepages(out);
     // Streaming stores need 64-byte alignment; every chunk starts a whole
     // number of 32-element tiles (>= 64 bytes) after the start.
-    let stream = std::mem::size_of_val(out) >= STREAM_MIN_BYTES && out.as_ptr() as usize % 64 == 0;
+    let stream = std::mem::size_of_val(out) >= STREAM_MIN_BYTES && (out.as_ptr() as usize).is_multiple_of(64);
     let table = qt.table();
     let per_task = parallel::blocks_per_task(n_blocks, blocksize, threads);
     if threads <= 1 || n_blocks <= per_task {
