@@ -50,6 +50,8 @@ import time
 import warnings
 from pathlib import Path
 
+from _lockstep import Turns, lockstep
+
 warnings.filterwarnings("ignore")
 
 CONTENDERS = ("qpeft", "qpeft-ckpt", "hf-ckpt", "hf", "trl")
@@ -126,36 +128,6 @@ def hf_model(checkpointing: bool, compute_dtype: str = "auto"):
         model.config.use_cache = False
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
-
-
-class Turns:
-    """A worker's side of the lock step: wait for the driver's turn before a
-    step, report after it (one line each way on stdin/stdout). Without a
-    driver (``--schedule sequential``) both are no-ops."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        if enabled:
-            # The protocol keeps the real stdout; anything the libraries print
-            # (TRL prints its logs) goes to stderr instead.
-            self.channel = os.fdopen(os.dup(1), "w")
-            sys.stdout.flush()
-            os.dup2(2, 1)
-
-    def ready(self) -> None:
-        self._say("ready")
-
-    def wait(self) -> None:
-        if self.enabled and sys.stdin.readline().strip() != "go":
-            raise SystemExit("bench driver went away")
-
-    def done(self) -> None:
-        self._say("done")
-
-    def _say(self, word: str) -> None:
-        if self.enabled:
-            self.channel.write(word + "\n")
-            self.channel.flush()
 
 
 def run_loop(model, step_fn, rows, batch: int, steps: int, turns: Turns) -> tuple[list[float], list[float]]:
@@ -274,38 +246,6 @@ def trl_worker(rows, args, t_load) -> dict:
 # ------------------------------------------------------------------ driver
 
 
-def lockstep(names: list[str], command, steps: int, env: dict) -> list[str]:
-    """Start every contender, then hand out turns one step at a time; returns the names that finished."""
-    print(f"{', '.join(names)}: loading, then {steps} steps each in turn ...", flush=True)
-    procs = {n: subprocess.Popen(command(n) + ["--lockstep"], env=env, stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True) for n in names}
-    alive = [n for n in names if procs[n].stdout.readline().strip() == "ready"]
-    for i in range(steps):
-        # Rotate who goes first, so that no contender always follows the same one.
-        for name in (alive[i % len(alive):] + alive[:i % len(alive)]) if alive else []:
-            p = procs[name]
-            try:
-                p.stdin.write("go\n")
-                p.stdin.flush()
-                ok = p.stdout.readline().strip() == "done"
-            except BrokenPipeError:
-                ok = False
-            if not ok:
-                alive.remove(name)
-    finished = []
-    for name, p in procs.items():
-        try:
-            p.stdin.close()
-        except BrokenPipeError:
-            pass
-        code = p.wait()
-        if code != 0 or name not in alive:
-            print(f"{name}: failed with exit code {code}", flush=True)
-        else:
-            finished.append(name)
-    return finished
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
@@ -367,7 +307,7 @@ def main() -> None:
             else:
                 finished.append(name)
     else:
-        finished = lockstep(names, command, args.steps, env)
+        finished = lockstep(names, lambda n: command(n) + ["--lockstep"], args.steps, env)
     results = {name: json.loads((tmp / f"{name}.json").read_text()) for name in finished}
 
     tokens = args.batch * args.seq

@@ -15,9 +15,14 @@ Two workloads, each run by both implementations in this one invocation:
    followed by ``peft.get_peft_model`` (no ``prepare_model_for_kbit_training``:
    its float32 upcast and gradient checkpointing would change the work).
    qpeft's step is the one its SFT trainer takes: ``qpeft.train.enable_fast_path``
-   (fused norm/MLP/attention backward, MLP recomputed in backward) and
-   ``qpeft.train.token_loss_sum`` (the chunked loss, no full logits); the
-   mean token loss is the same objective as PEFT's ``labels=`` loss.
+   (fused norm/MLP/attention backward) and ``qpeft.train.token_loss_sum``
+   (the chunked loss, no full logits); the mean token loss is the same
+   objective as PEFT's ``labels=`` loss. Two qpeft rows: ``qpeft`` recomputes
+   nothing in backward, the same work as PEFT's step (the comparison the
+   target is checked on); ``qpeft_recompute`` recomputes each feed-forward
+   block's gate and up projections in backward to keep less (the trainer's
+   default in 16-bit compute, ``recompute_mlp="auto"``), trading time for
+   memory as checkpointing would.
 
 ``--dtype float32`` uses float32 activations/compute instead (for CPUs
 without fast bfloat16).
@@ -26,8 +31,11 @@ Each (workload, implementation) runs in its own subprocess, so its peak
 memory is its own: the figure is the peak resident set size during the timed
 steps (the kernel's high-water mark is reset once the model is built), and
 "extra" is that peak minus the resident size before the first step. Times are
-medians of ``--repeats`` after one warm-up step. Run from the repository root
-with the project's virtualenv::
+medians of ``--repeats`` after one warm-up step. The two processes of a
+workload run in lock step (``--schedule lockstep``, the default): both load,
+then they take turns one step at a time, so a shared machine's noisy moments
+fall on both alike; ``--schedule sequential`` runs one after the other. Run
+from the repository root with the project's virtualenv::
 
     python bench/tuners.py                  # both workloads
     python bench/tuners.py --only linear --repeats 20
@@ -47,6 +55,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -56,8 +65,12 @@ logging.disable(logging.WARNING)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from _lockstep import Turns, lockstep  # noqa: E402
+
 WORKLOADS = ("linear", "model")
-IMPLS = ("qpeft", "peft_bnb")
+IMPLS = ("qpeft", "qpeft_recompute", "peft_bnb")
+#: Implementations that only differ from another on some workloads.
+ONLY_FOR = {"qpeft_recompute": ("model",)}
 DEFAULT_JSON = os.path.join("bench", "results", "tuners.json")
 
 
@@ -163,17 +176,17 @@ def _model_setup(impl: str, batch: int, length: int, r: int, dtype: torch.dtype)
     from qpeft import hf
 
     folder = hf.model_folder()
-    if impl == "qpeft":
+    if impl in ("qpeft", "qpeft_recompute"):
         from qpeft import quantize_model
         from qpeft.tuners import LoraConfig, get_peft_model
 
-        from qpeft.train import TrainConfig, enable_fast_path
+        from qpeft.train import enable_fast_path
 
         model, _ = hf.load_model(dtype=dtype)
         model = get_peft_model(quantize_model(model, compute_dtype=dtype),
                                LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
-        # What qpeft's SFT trainer runs, with its default recompute choice for this dtype.
-        enable_fast_path(model, recompute_mlp=TrainConfig().recomputes_mlp(dtype))
+        # What qpeft's SFT trainer runs (recompute_mlp="off" or "on").
+        enable_fast_path(model, recompute_mlp=impl == "qpeft_recompute")
     else:
         import transformers
 
@@ -193,7 +206,7 @@ def _model_setup(impl: str, batch: int, length: int, r: int, dtype: torch.dtype)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        if impl == "qpeft":
+        if impl != "peft_bnb":
             from qpeft.train import token_loss_sum
 
             loss, n = token_loss_sum(model, {"input_ids": ids, "labels": ids})
@@ -205,7 +218,8 @@ def _model_setup(impl: str, batch: int, length: int, r: int, dtype: torch.dtype)
     return model, step
 
 
-def worker(workload: str, impl: str, quick: bool, repeats: int, threads: int, dtype: torch.dtype) -> dict:
+def worker(workload: str, impl: str, quick: bool, repeats: int, threads: int, dtype: torch.dtype,
+           turns: Turns) -> dict:
     """One (workload, implementation) in this process: median step time and peak memory."""
     torch.set_num_threads(threads)
     if workload == "linear":
@@ -221,10 +235,13 @@ def worker(workload: str, impl: str, quick: bool, repeats: int, threads: int, dt
     exact_peak = _reset_peak()
     before = _resident()
     samples = []
+    turns.ready()
     for _ in range(repeats):
+        turns.wait()
         t0 = time.perf_counter()
         step()
         samples.append(time.perf_counter() - t0)
+        turns.done()
     peak = _peak()
     return {
         "workload": workload, "impl": impl, "shape": shape, "dtype": str(dtype).replace("torch.", ""),
@@ -241,23 +258,30 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", default=",".join(WORKLOADS), help=f"comma-separated subset of {WORKLOADS}")
     ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
-    ap.add_argument("--repeats", type=int, default=None, help="timed steps (default: 15 linear, 5 model; quick: 2)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed steps (default: 15 linear, 9 model; quick: 2)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--quick", action="store_true", help="small shapes and few steps (a smoke run)")
     ap.add_argument("--json", default=DEFAULT_JSON)
+    ap.add_argument("--schedule", default="lockstep", choices=("lockstep", "sequential"),
+                    help="lockstep: both processes of a workload loaded, taking turns step by step (default); "
+                         "sequential: one process after the other")
     ap.add_argument("--worker", nargs=2, metavar=("WORKLOAD", "IMPL"), help=argparse.SUPPRESS)
+    ap.add_argument("--lockstep", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
 
     def repeats_for(workload):
         if args.repeats is not None:
             return args.repeats
-        return 2 if args.quick else (15 if workload == "linear" else 5)
+        return 2 if args.quick else (15 if workload == "linear" else 9)
 
     if args.worker:
         workload, impl = args.worker
-        print(json.dumps(worker(workload, impl, args.quick, repeats_for(workload), args.threads, dtype)))
+        result = worker(workload, impl, args.quick, repeats_for(workload), args.threads, dtype, Turns(args.lockstep))
+        with open(args.result, "w") as f:
+            json.dump(result, f)
         return 0
     workloads = [w.strip() for w in args.only.split(",") if w.strip()]
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
@@ -270,38 +294,55 @@ def main(argv=None) -> int:
     versions = ", ".join(f"{k} {info[k]}" for k in names if k in info)
     print(f"machine: {info['cpu']} ({info['logical_cpus']} logical CPUs), {args.threads} threads; {versions}")
     rows = []
+    tmp = tempfile.mkdtemp(prefix="qpeft-bench-tuners-")
     for workload in workloads:
-        for impl in impls:
+        runs = [i for i in impls if workload in ONLY_FOR.get(i, (workload,))]
+
+        def command(impl: str, workload: str = workload) -> list[str]:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", workload, impl, "--threads",
-                   str(args.threads), "--dtype", args.dtype, "--repeats", str(repeats_for(workload))]
-            if args.quick:
-                cmd.append("--quick")
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                print(f"{workload} / {impl}: failed\n{out.stderr[-2000:]}")
-                continue
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                   str(args.threads), "--dtype", args.dtype, "--repeats", str(repeats_for(workload)),
+                   "--result", os.path.join(tmp, f"{workload}-{impl}.json")]
+            return cmd + (["--quick"] if args.quick else [])
+
+        if args.schedule == "lockstep":
+            finished = lockstep(runs, lambda impl: command(impl) + ["--lockstep"], repeats_for(workload),
+                                dict(os.environ))
+        else:
+            finished = []
+            for impl in runs:
+                out = subprocess.run(command(impl), capture_output=True, text=True)
+                if out.returncode != 0:
+                    print(f"{workload} / {impl}: failed\n{out.stderr[-2000:]}")
+                else:
+                    finished.append(impl)
+        for impl in runs:
+            if impl in finished:
+                with open(os.path.join(tmp, f"{workload}-{impl}.json")) as f:
+                    rows.append(json.load(f))
     print(f"\nforward+backward ({args.dtype}); median of repeats after one warm-up; peak = resident high-water mark "
           "during the timed steps, extra = peak - resident before them\n")
-    print(f"{'workload':<9}{'impl':<10}{'shape':<36}{'median ms':>11}{'min ms':>10}{'peak MiB':>10}{'extra MiB':>11}")
+    print(f"{'workload':<9}{'impl':<17}{'shape':<36}{'median ms':>11}{'min ms':>10}{'peak MiB':>10}{'extra MiB':>11}")
     for r in rows:
-        print(f"{r['workload']:<9}{r['impl']:<10}{r['shape']:<36}{r['median_ms']:>11.1f}{r['min_ms']:>10.1f}"
+        print(f"{r['workload']:<9}{r['impl']:<17}{r['shape']:<36}{r['median_ms']:>11.1f}{r['min_ms']:>10.1f}"
               f"{r['peak_bytes'] / 2**20:>10.1f}{r['extra_bytes'] / 2**20:>11.1f}"
               + ("" if r["peak_is_steps_only"] else "  (peak since start: clear_refs unavailable)"))
     by = {(r["workload"], r["impl"]): r for r in rows}
     checks = {}
     print()
     for workload in workloads:
-        q, p = by.get((workload, "qpeft")), by.get((workload, "peft_bnb"))
-        if not (q and p):
-            continue
-        speed = p["median_ms"] / q["median_ms"]
-        print(f"{workload}: qpeft is {speed:.2f}x the speed of PEFT+bitsandbytes; peak memory "
-              f"{q['peak_bytes'] / 2**20:.0f} vs {p['peak_bytes'] / 2**20:.0f} MiB "
-              f"({q['peak_bytes'] / p['peak_bytes']:.2f}x), extra {q['extra_bytes'] / 2**20:.0f} vs "
-              f"{p['extra_bytes'] / 2**20:.0f} MiB")
-        checks[f"{workload}: qpeft >= 1.3x faster"] = speed >= 1.3
-        checks[f"{workload}: qpeft lower peak memory"] = q["peak_bytes"] < p["peak_bytes"]
+        p = by.get((workload, "peft_bnb"))
+        for impl in ("qpeft", "qpeft_recompute"):
+            q = by.get((workload, impl))
+            if not (q and p):
+                continue
+            speed = p["median_ms"] / q["median_ms"]
+            print(f"{workload}: {impl} is {speed:.2f}x the speed of PEFT+bitsandbytes; peak memory "
+                  f"{q['peak_bytes'] / 2**20:.0f} vs {p['peak_bytes'] / 2**20:.0f} MiB "
+                  f"({q['peak_bytes'] / p['peak_bytes']:.2f}x), extra {q['extra_bytes'] / 2**20:.0f} vs "
+                  f"{p['extra_bytes'] / 2**20:.0f} MiB")
+            if impl == "qpeft":  # the same work as PEFT's step: the target's comparison
+                checks[f"{workload}: qpeft >= 1.3x faster"] = speed >= 1.3
+                checks[f"{workload}: qpeft lower peak memory"] = q["peak_bytes"] < p["peak_bytes"]
     for k, ok in checks.items():
         print(f"  [{'met' if ok else 'MISSED'}] {k}")
     if args.json:
