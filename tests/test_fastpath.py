@@ -217,6 +217,22 @@ def _saved_shapes(model, batch) -> list[tuple]:
     return shapes
 
 
+@pytest.mark.parametrize("recompute", ["on", "off"])
+def test_trainer_trims_in_backward_exactly_when_it_recomputes_the_mlp(tiny_llama_dir, monkeypatch, recompute):
+    import qpeft.train.fastpath as fastpath
+    import qpeft.train.trainer as trainer
+    from qpeft.train import TrainConfig
+
+    seen = {}
+    real = fastpath.enable_fast_path
+    monkeypatch.setattr(trainer, "enable_fast_path", lambda m, **k: seen.update(k) or real(m, **k))
+    cfg = TrainConfig(model=str(tiny_llama_dir), compute_dtype="bfloat16", recompute_mlp=recompute,
+                      lora_r=4, lora_alpha=8)
+    model, _ = trainer.build_model(cfg, torch.bfloat16)
+    # (What the hooks do is test_heap_trim_hooks_run_in_forward_and_if_asked_backward's.)
+    assert seen["recompute_mlp"] is seen["trim_in_backward"] is (recompute == "on")
+
+
 def test_recomputed_mlp_keeps_no_mlp_activation(tiny_llama_dir):
     ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(3))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}

@@ -127,7 +127,12 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype, model: Any = None, tokeniz
             model = quantize_model(model, compute_dtype=dtype)
         model = get_peft_model(model, cfg.adapter_config())
     if cfg.fast_path:
-        enable_fast_path(model, recompute_mlp=cfg.recomputes_mlp(dtype))
+        # Recomputing the feed-forward blocks is the memory-lean setting, so it
+        # also returns freed heap in backward: on SmolLM2 (4 x 256 tokens,
+        # bf16, 2-core Zen 4) 35-50 MB less peak (1.24 against 1.28 GB) for
+        # 1.4% more step time (in-process A/B of 20 alternating steps).
+        lean = cfg.recomputes_mlp(dtype)
+        enable_fast_path(model, recompute_mlp=lean, trim_in_backward=lean)
     if cfg.gradient_checkpointing:
         base = model.get_base_model()
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
