@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import platform
+import random
 import statistics
 import time
 import warnings
@@ -57,13 +58,22 @@ def median_ms(fns: dict, repeats: int) -> dict:
 
     The machines here change speed from one second to the next; timing the
     contenders round-robin puts every one of them through the same changes,
-    so their ratios hold even when the absolute figures drift.
+    so their ratios hold even when the absolute figures drift. The order is
+    shuffled in every repeat (with a fixed seed): what ran just before a
+    contender changes its time (a 4096x4096 4-bit call took 0.30 ms after
+    itself, 0.57 ms after the dense float32 and bfloat16 matmuls, which
+    evict its weight from L3), so no contender always gets the same
+    neighbour.
     """
     for fn in fns.values():
         fn()  # warm-up (first-touch allocations, lazy repacking)
     samples: dict = {name: [] for name in fns}
+    names = list(fns)
+    order = random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        order.shuffle(names)
+        for name in names:
+            fn = fns[name]
             t0 = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)
@@ -99,6 +109,12 @@ def matmul_rows(shape, tokens, repeats):
     w16 = w32.bfloat16()
     q = qpeft.Linear4bit.from_linear(dense)
     b = bnb_layer(dense) if bnb is not None else None
+    # A second bitsandbytes layer that never sees eval mode: bitsandbytes 0.50
+    # repacks a CPU weight for its fused kernel at the first eval forward and
+    # from then on takes that kernel in training mode too, without an input
+    # gradient (issue "Linear4bit", item 5), so timing ``b`` in training mode
+    # would time a forward that cannot train.
+    bg = bnb_layer(dense) if bnb is not None else None
     if b is not None:
         b.eval()
     x = torch.randn(tokens, in_f, dtype=torch.bfloat16)
@@ -117,7 +133,8 @@ def matmul_rows(shape, tokens, repeats):
             if module is not None:
                 module.train()
             with torch.enable_grad():
-                fn()
+                # A training forward must be able to give an input gradient.
+                assert fn().requires_grad, "the training forward returned no autograd history"
         return run
 
     fns = {
@@ -128,7 +145,7 @@ def matmul_rows(shape, tokens, repeats):
     }
     if b is not None:
         fns["bnb eval"] = inference(lambda: b(x), b)
-        fns["bnb grad"] = training(lambda: b(xg), b)
+        fns["bnb grad"] = training(lambda: bg(xg), bg)
     return median_ms(fns, repeats)
 
 

@@ -2,8 +2,8 @@
 
 The oracle is ``F.linear(A.float(), W)`` with ``W`` the float32 weights
 ``dequantize_4bit`` computes (``code[nibble] * absmax[block]``), rounded to
-bfloat16 where the kernel rounds them (bfloat16 input of 2 or more tokens on an
-AVX512-BF16 CPU: ``gemv_rounds_weights_to_bf16``). Tolerances:
+bfloat16 where the kernel rounds them (bfloat16 input on an AVX512-BF16 CPU:
+``gemv_rounds_weights_to_bf16``). Tolerances:
 float32 output within 1e-5 of ``|A| @ |W|.T`` (the size of the terms summed);
 16-bit output additionally within its own rounding (2^-8 of |y| for bfloat16,
 2^-10 for float16).
