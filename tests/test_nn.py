@@ -258,8 +258,8 @@ def test_linear_4bit_dispatch_agrees_on_both_sides_of_the_crossover(tokens, monk
     _, layer = make_layer(in_f=128, out_f=64)
     x = torch.randn(tokens, 128)
     calls = []
-    real = qpeft.functional._gemv_4bit  # what gemv_4bit runs; linear_4bit calls it directly
-    monkeypatch.setattr(qpeft.functional, "_gemv_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = qpeft.functional._gemv_4bit_cpu  # the fused kernel's CPU entry, which linear_4bit calls directly
+    monkeypatch.setattr(qpeft.functional, "_gemv_4bit_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
     y = qpeft.functional.linear_4bit(x, layer.weight, layer.quant_state)
     assert bool(calls) == (tokens <= qpeft.functional.GEMV_MAX_TOKENS)
     torch.testing.assert_close(y, F.linear(x, layer.dequantize()), rtol=1e-5, atol=1e-5)

@@ -712,11 +712,18 @@ def _gemv_4bit(
             f"A has dtype {A.dtype}; gemv_4bit multiplies float32, float16 and bfloat16 inputs "
             f"(convert with A.float() or A.bfloat16())"
         )
-    if _on_cuda("A", A):
-        n, k, packed = _weight_packed(B, quant_state, A.device)
-        weight = None
-    else:
-        n, k, weight = _weight_handle(B, quant_state)
+    if not _on_cuda("A", A):
+        return _gemv_4bit_cpu(A, B, quant_state, dtype_name, out, isa)
+    n, k, packed = _weight_packed(B, quant_state, A.device)
+    tokens, out = _gemv_out(A, n, k, out)
+    x = A if A.is_contiguous() else A.detach().contiguous()
+    _cuda.gemv_4bit(x.detach(), packed, quant_state, n, k, tokens, out.detach())
+    return out
+
+
+def _gemv_out(A: torch.Tensor, n: int, k: int, out: Optional[torch.Tensor]) -> tuple[int, torch.Tensor]:
+    """``(tokens, out)`` for ``A @ W.T`` with an ``n x k`` weight: A's shape
+    checked, ``out`` made (on A's device) or checked."""
     a_shape = A.shape
     if not a_shape or a_shape[-1] != k:
         raise ValueError(
@@ -728,11 +735,23 @@ def _gemv_4bit(
         out = torch.empty((*a_shape[:-1], n), dtype=A.dtype, device=A.device)
     else:
         _check_out(out, tokens * n, A.dtype, A.device)
+    return tokens, out
+
+
+def _gemv_4bit_cpu(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    quant_state: QuantState,
+    dtype_name: str,
+    out: Optional[torch.Tensor] = None,
+    isa: Optional[str] = None,
+) -> torch.Tensor:
+    """:func:`_gemv_4bit` for a CPU tensor ``A`` of dtype ``dtype_name`` (the
+    caller has checked both; :func:`linear_4bit` comes straight here)."""
+    n, k, weight = _weight_handle(B, quant_state)
+    tokens, out = _gemv_out(A, n, k, out)
     # Only the memory is read (autograd records nothing): no detach needed for the address.
     x = A if A.is_contiguous() else A.detach().contiguous()
-    if weight is None:
-        _cuda.gemv_4bit(x.detach(), packed, quant_state, n, k, tokens, out.detach())
-        return out
     # x is a contiguous CPU tensor of tokens * K elements of dtype_name, and
     # out one of tokens * N (made here or checked by _check_out); the kernel
     # refuses overlapping buffers.
@@ -1051,12 +1070,16 @@ def linear_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantState) 
     tokens = x.numel() // max(1, x.shape[-1])
     device = x.device.type
     fused_max = GEMV_MAX_TOKENS if device == "cpu" else _cuda.GEMV_MAX_TOKENS if device == "cuda" else -1
+    dtype_name = _FLOAT_DTYPES.get(x.dtype)
     if (
         tokens <= fused_max
-        and x.dtype in _FLOAT_DTYPES
+        and dtype_name is not None
         and quant_state.shape is not None
         and len(quant_state.shape) == 2
     ):
+        # Once per layer per generated token: the CPU call goes straight to the kernel.
+        if device == "cpu":
+            return _gemv_4bit_cpu(x, weight, quant_state, dtype_name)
         return _gemv_4bit(x, weight, quant_state)
     w = _dense_for(x, weight, quant_state, x.requires_grad)
     return torch.nn.functional.linear(x.to(w.dtype), w).to(x.dtype)
