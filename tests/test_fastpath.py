@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import qpeft
 from qpeft.train.chunked_loss import ChunkedLMLoss, chunk_rows, chunked_lm_loss_sum
 from qpeft.train.fastpath import FusedRMSNorm, FusedSwiGLU, enable_fast_path, lm_loss_sum, lm_parts
 
@@ -381,17 +382,38 @@ def test_mlp_block_takes_the_fused_function_or_falls_back(tiny_llama_dir, monkey
         lambda ctx, d: calls.append(1) or real(ctx, d)))
     model = _qlora(tiny_llama_dir, torch.bfloat16, lora_dropout=dropout)
     ref = copy.deepcopy(model)
+    # The same model (same 4-bit codes, same LoRA weights) computing in float32.
+    exact = copy.deepcopy(model).float()
+    for m in exact.modules():
+        if isinstance(m, qpeft.Linear4bit):
+            m.compute_dtype = torch.float32
     enable_fast_path(model)
     enable_fast_path(ref, recompute_mlp=False)
+    enable_fast_path(exact, recompute_mlp=False)
     ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(6))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     torch.manual_seed(0)
     loss, grads = _loss_and_grads(model, batch)
     torch.manual_seed(0)
     ref_loss, ref_grads = _loss_and_grads(ref, batch)
+    torch.manual_seed(0)
+    _, exact_grads = _loss_and_grads(exact, batch)
     # Dropout needs the random replay of checkpointing; plain LoRA takes the fused block.
     assert len(calls) == (0 if dropout else model.config.num_hidden_layers)
-    # Same forward, and backward to bf16 rounding (the same kernels in the same order where fused).
+    # Same forward. The fused backward adds in another order than the plain
+    # one, so their bf16 gradients differ by rounding: 0.7-1.2% of a tensor's
+    # norm over batch seeds 1-10, too close to any fixed bound to compare the
+    # two with each other. Both are measured against float32 instead, and the
+    # fused one must be as accurate as the plain one (over those seeds: at
+    # most 1.10x its total error, 1.34x per tensor; each about 0.6-1%).
     assert loss == ref_loss
-    for k, r in ref_grads.items():
-        assert (grads[k].float() - r.float()).norm() <= 1e-2 * r.float().norm().clamp_min(1e-12), k
+    errs = {k: ((grads[k].float() - e).norm(), (ref_grads[k].float() - e).norm(), e.norm())
+            for k, e in exact_grads.items()}
+
+    def total(i):
+        return float(sum(v[i] ** 2 for v in errs.values()) ** 0.5)
+
+    assert total(0) <= 1.25 * total(1) + 1e-6 * total(2)
+    assert total(0) <= 2e-2 * total(2)
+    for k, (fused_err, plain_err, norm) in errs.items():
+        assert fused_err <= 1.6 * max(plain_err, 1e-3 * norm), (k, float(fused_err), float(plain_err), float(norm))
