@@ -149,7 +149,24 @@ def matmul_rows(shape, tokens, repeats):
     return median_ms(fns, repeats)
 
 
+def bits_per_param(shape) -> float:
+    """Bits per weight of qpeft's 4-bit layer: packed codes plus stored scales
+    (first-level codes, second-level float32 scales and the float32 offset;
+    the 16- and 256-entry code books are shared constants, as in
+    ``qpeft quantize``'s report)."""
+    q = qpeft.Linear4bit.from_linear(nn.Linear(shape[1], shape[0], bias=False))
+    st = q.quant_state
+    stored = q.weight.numel() * q.weight.element_size() + st.absmax.numel() * st.absmax.element_size()
+    if st.state2 is not None:
+        stored += st.state2.absmax.numel() * st.state2.absmax.element_size() + 4
+    return 8 * stored / (shape[0] * shape[1])
+
+
 def run_matmul(shapes, token_counts, repeats):
+    bits = {tuple(shape): bits_per_param(shape) for shape in shapes}
+    for shape in shapes:
+        print(f"qpeft Linear4bit {shape[0]}x{shape[1]} (NF4, block 64, double quant): "
+              f"{bits[tuple(shape)]:.4f} bits per parameter")
     print("\nmatmul (bf16 activations; weight out x in; median ms; speedup = other / qpeft)")
     header = f"{'weight':>11} {'tokens':>6} " + " ".join(f"{c:>11}" for c in
         ["dense fp32", "dense bf16", "qpeft eval", "bnb eval", "qpeft grad", "bnb grad"])
@@ -163,7 +180,7 @@ def run_matmul(shapes, token_counts, repeats):
             ratio = lambda a, b_: r[a] / r[b_] if a in r and b_ in r else float("nan")  # noqa: E731
             print(f"{shape[0]:>5}x{shape[1]:<5} {t:>6} {cells}   {ratio('dense bf16', 'qpeft eval'):6.2f}x"
                   f"  {ratio('bnb eval', 'qpeft eval'):9.2f}x  {ratio('bnb grad', 'qpeft grad'):9.2f}x")
-            results.append({"shape": shape, "tokens": t, "ms": r})
+            results.append({"shape": shape, "tokens": t, "ms": r, "bits_per_param": bits[tuple(shape)]})
     return results
 
 

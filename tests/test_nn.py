@@ -253,27 +253,42 @@ def test_compute_dtype_returns_the_input_dtype():
     assert x.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("tokens", [1, qpeft.functional.GEMV_MAX_TOKENS, qpeft.functional.GEMV_MAX_TOKENS + 1, 40])
+@pytest.mark.parametrize("tokens", [1, 16, 17, 40, qpeft.functional.GEMV_MAX_TOKENS, qpeft.functional.GEMV_MAX_TOKENS + 1])
 def test_linear_4bit_dispatch_agrees_on_both_sides_of_the_crossover(tokens, monkeypatch):
     _, layer = make_layer(in_f=128, out_f=64)
     x = torch.randn(tokens, 128)
+    limit = qpeft.functional._gemv_max_tokens(x)
+    assert limit == 16  # float32
     calls = []
     real = qpeft.functional._gemv_4bit_cpu  # the fused kernel's CPU entry, which linear_4bit calls directly
     monkeypatch.setattr(qpeft.functional, "_gemv_4bit_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
     y = qpeft.functional.linear_4bit(x, layer.weight, layer.quant_state)
-    assert bool(calls) == (tokens <= qpeft.functional.GEMV_MAX_TOKENS)
+    assert bool(calls) == (tokens <= limit)
     torch.testing.assert_close(y, F.linear(x, layer.dequantize()), rtol=1e-5, atol=1e-5)
+
+
+def test_the_fused_kernel_limit_is_wide_only_for_bfloat16_dot_products(monkeypatch):
+    QF = qpeft.functional
+    wide = QF.gemv_rounds_weights_to_bf16(torch.bfloat16, 1, 64, 64)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.zeros(1, 8, dtype=dtype)
+        want = QF.GEMV_MAX_TOKENS if wide and dtype == torch.bfloat16 else 16
+        assert QF._gemv_max_tokens(x) == want, dtype
+    monkeypatch.setattr(QF, "GEMV_MAX_TOKENS", 0)  # 0 turns the fused kernel off everywhere
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert QF._gemv_max_tokens(torch.zeros(1, 8, dtype=dtype)) == 0
 
 
 def test_linear_4bit_called_under_autograd_does_not_reuse_its_buffer():
     """Outside MatMul4bit, F.linear saves the weight: the reusable buffer must not be it."""
     _, a = make_layer(in_f=128, out_f=64)
     _, b = make_layer(in_f=128, out_f=64, quant_type="fp4")
-    x = torch.randn(40, 128, requires_grad=True)
+    tokens = qpeft.functional.GEMV_MAX_TOKENS + 24  # the dense path
+    x = torch.randn(tokens, 128, requires_grad=True)
     y = qpeft.functional.linear_4bit(x, a.weight, a.quant_state)
     qpeft.functional.linear_4bit(x.detach(), b.weight, b.quant_state)  # would overwrite a shared buffer
     y.sum().backward()
-    torch.testing.assert_close(x.grad, a.dequantize().sum(0).expand(40, 128), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, a.dequantize().sum(0).expand(tokens, 128), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

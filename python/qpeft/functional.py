@@ -80,11 +80,36 @@ QUANT_TYPES = ("nf4", "fp4")
 #: Block size of the second-level quantization of 4-bit scales.
 NESTED_BLOCKSIZE = 256
 #: Up to this many tokens, :func:`linear_4bit` uses the fused :func:`gemv_4bit`
-#: kernel; above it, dequantize + ``F.linear``. Measured with ``bench/gemv.py``
-#: (2 threads, AVX-512, weights 2048x2048 to 11008x4096): the fused kernel won
-#: at 16 tokens in every run, and the crossover lay between 20 and 73 tokens
-#: for bfloat16 and 44 and 321 for float32 depending on shape and machine load.
-GEMV_MAX_TOKENS = 16
+#: kernel for bfloat16 input on a CPU with AVX512-BF16 (see
+#: :func:`gemv_rounds_weights_to_bf16`); above it, dequantize (into a reused
+#: buffer) + ``F.linear``. Elsewhere the limit is 16 tokens (or this, if
+#: lower; 0 turns the fused kernel off). Measured on a 2-core Zen 4, weights
+#: streamed from memory, 576x576 to 4096x4096 (``bench/gemv.py`` finds the
+#: crossover): at 64 tokens the bfloat16 kernel took 0.72-0.96x the time of
+#: the dense path, and the crossover lay at 64-96 tokens. The float32 kernel
+#: also wins to 96-128 tokens, but float32 keeps 16: past a few tokens its
+#: sums (in another order than the dense matmul's) would stop matching
+#: transformers and PEFT to the 1e-5 that float32 comparisons hold them to.
+GEMV_MAX_TOKENS = 64
+
+#: The limit of :data:`GEMV_MAX_TOKENS` for other dtypes and CPUs.
+_GEMV_MAX_TOKENS_ELSEWHERE = 16
+
+_wide_gemv: Optional[bool] = None
+
+
+def _gemv_max_tokens(x: torch.Tensor) -> int:
+    """Most tokens of ``x`` for which :func:`linear_4bit` takes the fused kernel."""
+    global _wide_gemv
+    device = x.device.type
+    if device == "cpu":
+        if x.dtype == torch.bfloat16:
+            if _wide_gemv is None:
+                _wide_gemv = cpu_isa() == "avx512" and _native.cpu_has_bf16_dot()
+            if _wide_gemv:
+                return GEMV_MAX_TOKENS
+        return min(GEMV_MAX_TOKENS, _GEMV_MAX_TOKENS_ELSEWHERE)
+    return _cuda.GEMV_MAX_TOKENS if device == "cuda" else -1
 
 _FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DTYPE_BY_NAME = {v: k for k, v in _FLOAT_DTYPES.items()}
@@ -633,8 +658,8 @@ def gemv_4bit(
     read once per call and used for every token. It computes any number of
     tokens, but past 16 it reads the weight once per 16 tokens, and for many
     tokens ``F.linear(A, dequantize_4bit(B, quant_state))`` is faster (on a
-    2-core AVX-512 machine from about 20-75 tokens for bfloat16 input and
-    45-300 for float32, depending on the shape; ``bench/gemv.py`` measures it).
+    2-core Zen 4 from about 64-96 tokens for bfloat16 input and 96-128 for
+    float32, depending on the shape; ``bench/gemv.py`` measures it).
     It runs on ``torch.get_num_threads()`` threads and does not record
     autograd history (A is read detached).
 
@@ -1060,25 +1085,24 @@ def _as_f32_scalar(x: Any) -> torch.Tensor:
 def linear_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
     """``x @ W.T`` for a 4-bit ``W`` (no bias, no autograd), by the faster path for its size.
 
-    Few tokens (at most :data:`GEMV_MAX_TOKENS` on the CPU,
-    ``qpeft._cuda.GEMV_MAX_TOKENS`` on a GPU): the fused :func:`gemv_4bit`
+    Few tokens (at most :data:`GEMV_MAX_TOKENS` for bfloat16 input on a
+    CPU with AVX512-BF16, else 16 on the CPU, ``qpeft._cuda.GEMV_MAX_TOKENS``
+    on a GPU): the fused :func:`gemv_4bit`
     kernel, which never builds a dense weight. More tokens: dequantize into
     ``x``'s dtype and ``F.linear`` (a dense matmul amortizes the dequantize),
     in float32 for 16-bit ``x`` on a CPU without 16-bit hardware
     (:func:`dense_matmul_dtype`); the result has ``x``'s dtype.
     """
     tokens = x.numel() // max(1, x.shape[-1])
-    device = x.device.type
-    fused_max = GEMV_MAX_TOKENS if device == "cpu" else _cuda.GEMV_MAX_TOKENS if device == "cuda" else -1
     dtype_name = _FLOAT_DTYPES.get(x.dtype)
     if (
-        tokens <= fused_max
+        tokens <= _gemv_max_tokens(x)
         and dtype_name is not None
         and quant_state.shape is not None
         and len(quant_state.shape) == 2
     ):
         # Once per layer per generated token: the CPU call goes straight to the kernel.
-        if device == "cpu":
+        if x.device.type == "cpu":
             return _gemv_4bit_cpu(x, weight, quant_state, dtype_name)
         return _gemv_4bit(x, weight, quant_state)
     w = _dense_for(x, weight, quant_state, x.requires_grad)
@@ -1131,8 +1155,7 @@ def linear_4bit_lora(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantSt
     weight in this thread's scratch buffer and :func:`lora_matmul` (one
     rounding). Elsewhere: a fresh dense weight and :func:`lora_matmul`.
     """
-    fused_max = {"cpu": GEMV_MAX_TOKENS, "cuda": _cuda.GEMV_MAX_TOKENS}.get(x.device.type, -1)
-    if x.shape[0] <= fused_max:
+    if x.shape[0] <= _gemv_max_tokens(x):
         h = x @ A.to(x.dtype).t()
         return linear_4bit(x, weight, quant_state).addmm_(h, B.to(x.dtype).t(), alpha=scaling), h
     return lora_matmul(x, _dense_scratch(weight, quant_state, x.dtype, False), A, B, scaling)
