@@ -150,15 +150,13 @@ def matmul_rows(shape, tokens, repeats):
 
 
 def bits_per_param(shape) -> float:
-    """Bits per weight of qpeft's 4-bit layer: packed codes plus stored scales
-    (first-level codes, second-level float32 scales and the float32 offset;
-    the 16- and 256-entry code books are shared constants, as in
-    ``qpeft quantize``'s report)."""
+    """Bits per weight of qpeft's 4-bit layer: packed codes plus stored scales,
+    counted as ``qpeft quantize``'s report counts them (the code books are
+    shared constants)."""
+    from qpeft.cli import _state_bytes
+
     q = qpeft.Linear4bit.from_linear(nn.Linear(shape[1], shape[0], bias=False))
-    st = q.quant_state
-    stored = q.weight.numel() * q.weight.element_size() + st.absmax.numel() * st.absmax.element_size()
-    if st.state2 is not None:
-        stored += st.state2.absmax.numel() * st.state2.absmax.element_size() + 4
+    stored = q.weight.numel() * q.weight.element_size() + _state_bytes(q.quant_state)
     return 8 * stored / (shape[0] * shape[1])
 
 

@@ -105,7 +105,7 @@ def _gemv_max_tokens(x: torch.Tensor) -> int:
     if device == "cpu":
         if x.dtype == torch.bfloat16:
             if _wide_gemv is None:
-                _wide_gemv = cpu_isa() == "avx512" and _native.cpu_has_bf16_dot()
+                _wide_gemv = _native.cpu_has_bf16_dot()  # true only on the AVX-512 path
             if _wide_gemv:
                 return GEMV_MAX_TOKENS
         return min(GEMV_MAX_TOKENS, _GEMV_MAX_TOKENS_ELSEWHERE)

@@ -437,14 +437,24 @@ fn pair_table(table: &[f32; 16]) -> [[f32; 2]; 256] {
 /// Scales of blocks [b_lo, b_hi) of a nested state, as [`Scales::get`] computes them.
 #[inline(always)]
 fn decode_nested_generic(s: &Nested, b_lo: usize, out: &mut [f32]) {
+    walk_nested(s, b_lo, out, |_, _, _| 0)
+}
+
+/// Decodes the scales of blocks [b_lo, b_lo + out.len()) of a nested state
+/// into `out`, one group of `blocksize2` blocks (one `absmax2`) at a time:
+/// `simd(codes, out, absmax2)` decodes a leading part of the group's codes
+/// and returns how many; the rest go one by one ([`nested_scale`]).
+#[inline(always)]
+fn walk_nested(s: &Nested, b_lo: usize, out: &mut [f32], mut simd: impl FnMut(&[u8], &mut [f32], f32) -> usize) {
     let b_hi = b_lo + out.len();
     let mut b = b_lo;
     while b < b_hi {
         let g = b / s.blocksize2;
         let end = ((g + 1) * s.blocksize2).min(b_hi);
-        let a2 = s.absmax2[g];
-        for (o, &q) in out[b - b_lo..end - b_lo].iter_mut().zip(&s.qabsmax[b..end]) {
-            *o = nested_scale(s.code[q as usize], a2, s.offset);
+        let (q, o) = (&s.qabsmax[b..end], &mut out[b - b_lo..end - b_lo]);
+        let done = simd(q, o, s.absmax2[g]);
+        for (d, &c) in o[done..].iter_mut().zip(&q[done..]) {
+            *d = nested_scale(s.code[c as usize], s.absmax2[g], s.offset);
         }
         b = end;
     }
@@ -877,27 +887,19 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn decode_nested_avx2(s: &Nested, b_lo: usize, out: &mut [f32]) {
-        let b_hi = b_lo + out.len();
         let (offset, top) = (_mm256_set1_ps(s.offset), _mm256_set1_ps(f32::MAX));
-        let mut b = b_lo;
-        while b < b_hi {
-            let g = b / s.blocksize2;
-            let end = ((g + 1) * s.blocksize2).min(b_hi);
-            let (q, o) = (&s.qabsmax[b..end], &mut out[b - b_lo..end - b_lo]);
-            let a2 = _mm256_set1_ps(s.absmax2[g]);
+        walk_nested(s, b_lo, out, |q, o, a2| {
+            let a2 = _mm256_set1_ps(a2);
             let full = q.len() / 8 * 8;
             for i in (0..full).step_by(8) {
-                // In bounds: i + 7 < full <= q.len(), and a byte indexes the 256 codes.
+                // In bounds: i + 7 < full <= q.len() = o.len(), and a byte indexes the 256 codes.
                 let at = |j: usize| *s.code.get_unchecked(*q.get_unchecked(i + j) as usize);
                 let c = _mm256_setr_ps(at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7));
                 let v = _mm256_min_ps(top, _mm256_add_ps(_mm256_mul_ps(c, a2), offset));
                 _mm256_storeu_ps(o.as_mut_ptr().add(i), v);
             }
-            for (d, &c) in o[full..].iter_mut().zip(&q[full..]) {
-                *d = nested_scale(s.code[c as usize], s.absmax2[g], s.offset);
-            }
-            b = end;
-        }
+            full
+        })
     }
 
     /// The generic path's loop with its 32-weight runs decoded in registers
@@ -1021,19 +1023,14 @@ mod x86 {
     /// scale at a time, took a sixth of a one-token call; this about half).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub(super) unsafe fn decode_nested_avx512(s: &Nested, b_lo: usize, out: &mut [f32]) {
-        let b_hi = b_lo + out.len();
         let (offset, top) = (_mm512_set1_ps(s.offset), _mm512_set1_ps(f32::MAX));
         let codes: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(s.code.as_ptr().add(16 * i)));
         let (bit5, bit6, bit7) = (_mm512_set1_epi32(32), _mm512_set1_epi32(64), _mm512_set1_epi32(128));
-        let mut b = b_lo;
-        while b < b_hi {
-            let g = b / s.blocksize2;
-            let end = ((g + 1) * s.blocksize2).min(b_hi);
-            let (q, o) = (&s.qabsmax[b..end], &mut out[b - b_lo..end - b_lo]);
-            let a2 = _mm512_set1_ps(s.absmax2[g]);
+        walk_nested(s, b_lo, out, |q, o, a2| {
+            let a2 = _mm512_set1_ps(a2);
             let full = q.len() / 16 * 16;
             for i in (0..full).step_by(16) {
-                // In bounds: i + 15 < full <= q.len().
+                // In bounds: i + 15 < full <= q.len() = o.len().
                 let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.as_ptr().add(i) as *const __m128i));
                 let r: [__m512; 8] = std::array::from_fn(|j| _mm512_permutex2var_ps(codes[2 * j], idx, codes[2 * j + 1]));
                 let (m5, m6, m7) =
@@ -1049,11 +1046,8 @@ mod x86 {
                 let v = _mm512_min_ps(top, _mm512_add_ps(_mm512_mul_ps(c, a2), offset));
                 _mm512_storeu_ps(o.as_mut_ptr().add(i), v);
             }
-            for (d, &c) in o[full..].iter_mut().zip(&q[full..]) {
-                *d = nested_scale(s.code[c as usize], s.absmax2[g], s.offset);
-            }
-            b = end;
-        }
+            full
+        })
     }
 
     /// The 8 index vectors of a 64-byte tile at `p`: vector i holds (in the
