@@ -1,6 +1,6 @@
 """The fast path's elementwise kernels (Rust on the CPU) against torch's operations:
-qpeft.functional.swiglu / swiglu_backward, rmsnorm_backward, cross_entropy_grad and
-causal_softmax_grad.
+qpeft.functional.swiglu / swiglu_backward, rmsnorm_backward, cross_entropy_grad,
+causal_softmax_grad and lora_up_add_.
 
 The forward is torch's ``F.silu(gate) * up``; the backward is the float32
 arithmetic of ``swiglu_backward``'s torch fallback, checked here against
@@ -440,3 +440,95 @@ def test_property_causal_softmax_grad_any_shape(blocks, t, d, spread, dtype, thr
     sum_terms = dpc.double().abs() + terms.abs().sum(-1, keepdim=True)
     tol = (rel + 2.0**-21 * d) * want_p * sum_terms * scale + floor * (1 + sum_terms)
     assert ((ds.double() - want_ds).abs() <= tol).all()
+
+
+# ------------------------------------------------------------------ LoRA up-projection
+
+
+def lora_up_reference(y, h, bt, scaling):
+    """float64 ``y + (h @ bt) * scaling`` and a bound on float32 arithmetic's error in it."""
+    exact = y.double() + (h.double() @ bt.double()) * scaling
+    mag = y.double().abs() + (h.double().abs() @ bt.double().abs()) * abs(scaling)
+    return exact, mag
+
+
+def lora_up_close(got, y, h, bt, scaling, dtype):
+    exact, mag = lora_up_reference(y, h, bt, scaling)
+    r = h.shape[-1]
+    # r + 2 float32 roundings (the chain, the scale, the sum), then one to the dtype.
+    tol = (r + 2) * 2.0**-24 * mag + STEP[dtype] * exact.abs() + TINY[dtype]
+    assert ((got.double() - exact).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,n,r", [(1, 1, 1), (7, 33, 3), (64, 576, 8), (512, 4096, 16), (3, 130, 64)])
+def test_lora_up_add_matches_torch(dtype, tokens, n, r):
+    g = torch.Generator().manual_seed(tokens + n + r)
+    y = torch.randn(tokens, n, generator=g).to(dtype)
+    h, bt = torch.randn(tokens, r, generator=g), torch.randn(r, n, generator=g) * 0.05
+    want = (y.to(torch.float32) + (h @ bt) * 2.0).to(dtype)
+    got = QF.lora_up_add_(y.clone(), h, bt, 2.0)
+    lora_up_close(got, y, h, bt, 2.0, dtype)
+    # Where torch's BLAS forms the rank-r product as a chain of fused multiply-adds
+    # from zero (MKL and oneDNN do for several rows and a short inner dimension),
+    # the kernel's result is torch's, bit for bit.
+    chain = torch.zeros(tokens, n, dtype=torch.float64)
+    for k in range(r):
+        chain = (h[:, k : k + 1].double() * bt[k].double() + chain).float().double()
+    if torch.equal(chain.float(), h @ bt):
+        assert torch.equal(got, want)
+
+
+def test_lora_up_add_native_equals_the_torch_fallback_on_a_strided_output():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(40, 2 * 96, generator=g).bfloat16()
+    h, bt = torch.randn(40, 16, generator=g), torch.randn(16, 96, generator=g) * 0.1
+    strided = base.clone()[:, ::2]  # not contiguous: the torch expression
+    assert not strided.is_contiguous()
+    got = QF.lora_up_add_(strided, h, bt, 0.5)
+    native = QF.lora_up_add_(base[:, ::2].contiguous(), h, bt, 0.5)
+    assert got.data_ptr() == strided.data_ptr()
+    torch.testing.assert_close(got, native, rtol=2.0**-7, atol=1e-6)
+    lora_up_close(got, base[:, ::2], h, bt, 0.5, torch.bfloat16)
+
+
+def test_lora_up_add_rejects_mismatched_shapes_with_a_message():
+    with pytest.raises(ValueError, match=r"\[\.\.\., n\], \[\.\.\., r\] and \[r, n\]"):
+        QF.lora_up_add_(torch.zeros(4, 10), torch.zeros(4, 3), torch.zeros(2, 10))
+    with pytest.raises(ValueError, match="must be"):
+        QF.lora_up_add_(torch.zeros(4, 10), torch.zeros(5, 3), torch.zeros(3, 10))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    tokens=st.integers(0, 40),
+    n=st.integers(1, 300),
+    r=st.integers(1, 70),
+    spread=st.sampled_from([1e-30, 1e-3, 1.0, 1e4]),
+    scaling=st.sampled_from([1.0, 2.0, 0.125, -3.0]),
+    dtype=st.sampled_from(DTYPES),
+    threads=st.integers(1, 3),
+    isa=st.sampled_from(["avx2", "avx512", None]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_lora_up_add_any_shape_isa_and_thread_count(tokens, n, r, spread, scaling, dtype, threads, isa, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.randn(tokens, n, generator=g) * spread).to(dtype)
+    h, bt = torch.randn(tokens, r, generator=g) * spread, torch.randn(r, n, generator=g)
+    name = QF._FLOAT_DTYPES[dtype]
+    got, scalar = y.clone(), y.clone()
+    _native.lora_up_add(QF._np_flat(got), h.numpy().reshape(-1), bt.numpy().reshape(-1), r, scaling, name, threads,
+                        isa=isa)
+    _native.lora_up_add(QF._np_flat(scalar), h.numpy().reshape(-1), bt.numpy().reshape(-1), r, scaling, name, 1,
+                        isa="scalar")
+    # Every instruction set and thread count does the same arithmetic.
+    assert torch.equal(got.view(torch.int16) if dtype != torch.float32 else got,
+                       scalar.view(torch.int16) if dtype != torch.float32 else scalar)
+    # Against float64, row by row where the dtype can hold the row's values;
+    # far beyond its largest value, the infinity of the right sign.
+    top = torch.finfo(dtype).max
+    exact, _ = lora_up_reference(y, h, bt, scaling)
+    rows = (exact.abs() < top / 2).all(-1)
+    lora_up_close(got[rows], y[rows], h[rows], bt, scaling, dtype)
+    huge = exact.abs() > 2 * top
+    assert (got[huge].double() == exact[huge].sign() * float("inf")).all()

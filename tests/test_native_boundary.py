@@ -231,6 +231,24 @@ def swiglu_backward_cases():
     yield "grad float64", {**ok, "grad": f32(n).astype(np.float64)}, TypeError
 
 
+def lora_up_add_cases():
+    tokens, n, r = 5, 24, 3
+    ok = dict(y=f32(tokens * n), h=f32(tokens * r, 1), bt=f32(r * n, 2), rank=r, scale=2.0, dtype="float32",
+              threads=1)
+    yield "ok", ok, None
+    yield "rank 0", {**ok, "rank": 0}, ValueError
+    yield "h not a multiple of the rank", {**ok, "h": f32(tokens * r - 1)}, ValueError
+    yield "y one short", {**ok, "y": f32(tokens * n - 1)}, ValueError
+    yield "y is h", {**ok, "y": ok["h"], "bt": f32(r * r, 2)}, BAD
+    yield "y read-only", {**ok, "y": read_only(f32(tokens * n))}, BAD
+    yield "y strided", {**ok, "y": f32(2 * tokens * n)[::2]}, ValueError
+    yield "bt misaligned", {**ok, "bt": misaligned_f32(r * n)}, ValueError
+    yield "h float64", {**ok, "h": f32(tokens * r).astype(np.float64)}, TypeError
+    yield "bf16 bits declared float32", {**ok, "y": np.zeros(tokens * n, np.int16)}, TypeError
+    yield "dtype unknown", {**ok, "dtype": "float64"}, TypeError
+    yield "negative threads", {**ok, "threads": -1}, OverflowError
+
+
 def rmsnorm_backward_cases():
     rows, d = 5, 24
     ok = dict(x=f32(rows * d), scale=np.ones(rows, np.float32), weight=np.ones(d, np.float32),
@@ -293,6 +311,7 @@ CASES = [
         (_native.adamw8_step, adamw8_cases),
         (_native.swiglu_forward, swiglu_forward_cases),
         (_native.swiglu_backward, swiglu_backward_cases),
+        (_native.lora_up_add, lora_up_add_cases),
         (_native.rmsnorm_backward, rmsnorm_backward_cases),
         (_native.cross_entropy_grad, cross_entropy_grad_cases),
         (_native.causal_softmax_grad, causal_softmax_grad_cases),

@@ -79,6 +79,16 @@ def swiglu_backward(
     threads: int,
     isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
 ) -> None: ...
+def lora_up_add(
+    y: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    h: npt.NDArray[np.float32],
+    bt: npt.NDArray[np.float32],
+    rank: int,
+    scale: float,
+    dtype: _Float,
+    threads: int,
+    isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
+) -> None: ...
 def rmsnorm_backward(
     x: npt.NDArray[np.float32] | npt.NDArray[np.int16],
     scale: npt.NDArray[np.float32],

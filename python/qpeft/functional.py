@@ -51,6 +51,7 @@ __all__ = [
     "grad_input_4bit",
     "lora_matmul",
     "linear_4bit_lora",
+    "lora_up_add_",
     "dense_matmul_dtype",
     "WIDEN_16BIT_ON_CPU",
     "GEMV_MAX_TOKENS",
@@ -1159,6 +1160,45 @@ def linear_4bit_lora(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantSt
         h = x @ A.to(x.dtype).t()
         return linear_4bit(x, weight, quant_state).addmm_(h, B.to(x.dtype).t(), alpha=scaling), h
     return lora_matmul(x, _dense_scratch(weight, quant_state, x.dtype, False), A, B, scaling)
+
+
+def lora_up_add_(y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+    """``y = y + (h @ bt) * scaling`` in place (no autograd), rounded as torch
+    rounds ``(y.float() + (h @ bt) * scaling).to(y.dtype)``; returns ``y``.
+
+    The rank-r up-projection of a LoRA layer with float32 adapter weights:
+    ``y [..., n]`` (float32, bfloat16 or float16), ``h [..., r]`` and
+    ``bt [r, n]`` in float32. On the CPU, with ``y`` contiguous, a Rust kernel
+    reads and writes each element of ``y`` once and forms each dot product as
+    the BLAS does for so short an inner dimension (a chain of fused
+    multiply-adds from k = 0), so the result equals torch's bit for bit; in
+    torch the same sum is a slow rank-r matmul, a widening copy, a scale, an
+    add and a narrowing copy (about 5 ms against under 1 for 512 x 4096 x 16).
+    Anything else runs the torch expression.
+    """
+    if h.shape[-1] != bt.shape[0] or y.shape[-1] != bt.shape[-1] or y.shape[:-1] != h.shape[:-1]:
+        raise ValueError(f"lora_up_add_: y {tuple(y.shape)}, h {tuple(h.shape)} and bt {tuple(bt.shape)} "
+                         "must be [..., n], [..., r] and [r, n]")
+    name = _FLOAT_DTYPES.get(y.dtype)
+    if (
+        name is not None
+        and y.device.type == "cpu"
+        and y.is_contiguous()
+        and h.dtype == torch.float32
+        and bt.dtype == torch.float32
+        and h.device == y.device
+        and bt.device == y.device
+        and y.numel() > 0
+    ):
+        yd = y.detach()
+        hc, bc = h.detach().contiguous(), bt.detach().contiguous()
+        _native.lora_up_add(_np_flat(yd), _np_flat(hc), _np_flat(bc), int(bt.shape[0]), float(scaling), name,
+                            _threads())
+        return y
+    term = h @ bt
+    if scaling != 1.0:
+        term = term * scaling
+    return y.copy_(y.to(term.dtype) + term)
 
 
 def grad_input_4bit(grad_out: torch.Tensor, weight: torch.Tensor, quant_state: QuantState) -> torch.Tensor:

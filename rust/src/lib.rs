@@ -18,6 +18,7 @@ pub mod error;
 #[cfg(test)]
 mod fuzz_boundary;
 pub mod gemv;
+pub mod lora_up;
 pub mod memory;
 pub mod nf4;
 pub mod paged_adamw;
@@ -680,6 +681,31 @@ mod bindings {
     }
 
     #[pyfunction]
+    #[pyo3(signature = (y, h, bt, rank, scale, dtype, threads, isa=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn lora_up_add(
+        py: Python<'_>,
+        y: &Bound<'_, PyAny>,
+        h: PyReadonlyArray1<'_, f32>,
+        bt: PyReadonlyArray1<'_, f32>,
+        rank: usize,
+        scale: f32,
+        dtype: &str,
+        threads: usize,
+        isa: Option<&str>,
+    ) -> PyResult<()> {
+        #[allow(clippy::too_many_arguments)]
+        fn go<E: FromNumpy>(py: Python<'_>, isa: Isa, y: &Bound<'_, PyAny>, h: &[f32], bt: &[f32], rank: usize, scale: f32, threads: usize) -> PyResult<()> {
+            let mut y = write::<E>(y)?;
+            let y = elems_mut::<E>(&mut y, "y")?;
+            run(py, || crate::lora_up::lora_up_add(isa, y, h, bt, rank, scale, threads))
+        }
+        let isa = parse_isa(isa)?;
+        let (h, bt) = (slice(&h, "h")?, slice(&bt, "bt")?);
+        by_dtype!(dtype, go(py, isa, y, h, bt, rank, scale, threads))
+    }
+
+    #[pyfunction]
     #[pyo3(signature = (x, scale, weight, grad, out, dtype, threads, isa=None))]
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward(
@@ -1061,6 +1087,7 @@ mod bindings {
         m.add_function(wrap_pyfunction!(dequantize_4bit, m)?)?;
         m.add_function(wrap_pyfunction!(quantize_blockwise, m)?)?;
         m.add_function(wrap_pyfunction!(dequantize_blockwise, m)?)?;
+        m.add_function(wrap_pyfunction!(lora_up_add, m)?)?;
         m.add_function(wrap_pyfunction!(swiglu_forward, m)?)?;
         m.add_function(wrap_pyfunction!(swiglu_backward, m)?)?;
         m.add_function(wrap_pyfunction!(rmsnorm_backward, m)?)?;

@@ -102,6 +102,9 @@ class LoraMatMul4bit(torch.autograd.Function):
             ctx.fused = compute_path and result.dtype == lora_dtype and result.is_contiguous()
             if ctx.fused:
                 out = addmm_into(result, h, B_.t(), scaling)
+            elif lora_dtype == torch.float32:
+                # PEFT's float32 sum, rounded to out_dtype, formed in result's memory.
+                out = functional.lora_up_add_(result, h, B_.t(), scaling)
             else:
                 out = result.to(lora_dtype) + (h @ B_.t()) * scaling
         else:
@@ -156,13 +159,21 @@ class LoraMatMul4bit(torch.autograd.Function):
             grad_m = (dy * direction).reshape(-1, dy.shape[-1]).sum(0) / norm
         if need_x:
             if g is None:
-                grad_x = functional.grad_input_4bit(grad_out.to(ctx.compute_dtype), weight, ctx.quant_state).to(A.dtype)
-                if ctx.fused and mask is None and grad_x.is_contiguous():
-                    # As in forward: the adapter's share goes into the fresh gradient.
-                    addmm_into(grad_x, dh, A)
+                grad_x = functional.grad_input_4bit(grad_out.to(ctx.compute_dtype), weight, ctx.quant_state)
+                if mask is None and not ctx.fused and A.dtype == torch.float32:
+                    # float32(grad_x) + dh A, rounded once to x's dtype, in one pass.
+                    if grad_x.dtype not in (ctx.x_dtype, torch.float32):
+                        grad_x = grad_x.float()
+                    grad_x = functional.lora_up_add_(grad_x, dh, A)
                     lora_in = None
                 else:
-                    lora_in = dh @ A
+                    grad_x = grad_x.to(A.dtype)
+                    if ctx.fused and mask is None and grad_x.is_contiguous():
+                        # As in forward: the adapter's share goes into the fresh gradient.
+                        addmm_into(grad_x, dh, A)
+                        lora_in = None
+                    else:
+                        lora_in = dh @ A
             elif mask is None:
                 grad_x = dyg @ W
                 lora_in = dh @ A
