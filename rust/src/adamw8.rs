@@ -29,17 +29,22 @@
 //! [`Code8::encode`].
 //!
 //! SIMD: AVX-512 and AVX2 read the table with scalar loads into vector
-//! lanes (16 or 8: cheaper than gathers on Zen 3 and Zen 4); AVX-512 VBMI dequantizes 64 codes at a time with byte shuffles;
-//! the scalar pieces are the reference the SIMD ones are tested against.
+//! lanes (16 or 8: cheaper than gathers on Zen 3 and Zen 4); AVX-512 VBMI
+//! dequantizes 64 codes at a time with byte shuffles; the scalar pieces are
+//! the reference the SIMD ones are tested against.
+//!
 //! With VBMI and DQ (Ice Lake, Sapphire Rapids, Zen 4) and float32
 //! parameters the whole blocks go through one fused, software-pipelined
 //! loop (module `vbmi`): the update of block b (bound by the divide and
-//! square root unit) runs interleaved with the encoding of block b - 1
-//! (bound by integer work and the table reads), the codes are dequantized
-//! in registers, and m keeps its sign through a second table instead of a
-//! fix-up after encoding. The step is compute-bound (it moves 16 bytes per
-//! element against the 32-bit step's 28); per element it costs about the
-//! 32-bit update's divide and square root plus two encodes and two decodes.
+//! square root unit) runs interleaved with the encoding of block b - 1, and
+//! the codes are dequantized in registers. There the dynamic maps are
+//! encoded without a table read per element ([`DecadeCode`]: their decimal
+//! decades give each value's code from its exponent and one fused
+//! multiply-add, and one comparison with thresholds read 64 at a time by
+//! byte shuffles settles rounding and ties); other codes keep the table.
+//! The step is compute-bound (it moves 16 bytes per element against the
+//! 32-bit step's 28); per element it costs about the 32-bit update's divide
+//! and square root plus two encodes and two decodes.
 
 //! The kernel takes slices that start on a block boundary, so a paged
 //! optimizer can call it on any run of whole blocks.
@@ -48,6 +53,7 @@ use std::sync::{Mutex, OnceLock};
 
 use crate::blockwise8::Code8;
 use crate::cpu::{self, Isa};
+use crate::decade_code::DecadeCode;
 use crate::dynamic_map::{dynamic_signed, dynamic_unsigned};
 use crate::elem::Elem;
 use crate::error::{invalid, Result};
@@ -156,6 +162,21 @@ pub struct FastCode {
     /// shuffles (AVX-512 VBMI) can index 64 codes at a time.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     planes: [[u8; 256]; 4],
+    /// The arithmetic encoder of the dynamic maps (None for other codes),
+    /// and the byte planes of its thresholds.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    decade: Option<(DecadeCode, [[u8; 256]; 4])>,
+}
+
+/// The four byte planes of 256 floats (what byte shuffles index).
+fn byte_planes(values: &[f32; 256]) -> [[u8; 256]; 4] {
+    let mut planes = [[0u8; 256]; 4];
+    for (c, v) in values.iter().enumerate() {
+        for (j, b) in v.to_bits().to_le_bytes().into_iter().enumerate() {
+            planes[j][c] = b;
+        }
+    }
+    planes
 }
 
 impl FastCode {
@@ -196,12 +217,11 @@ impl FastCode {
             }
             lut[cell_index(key)] = (t << 16) | k;
         }
-        let mut planes = [[0u8; 256]; 4];
-        for (c, v) in values.iter().enumerate() {
-            for (j, b) in v.to_bits().to_le_bytes().into_iter().enumerate() {
-                planes[j][c] = b;
-            }
-        }
+        let planes = byte_planes(&values);
+        let decade = DecadeCode::new(&values).map(|d| {
+            let thr = byte_planes(&d.thr);
+            (d, thr)
+        });
         let mut lut_keep_sign = lut.clone();
         for key in (1 << (5 + MANT_BITS))..CELLS {
             if (key >> MANT_BITS) & 31 > (EMAX - EMIN) as usize {
@@ -213,7 +233,7 @@ impl FastCode {
                 *e = (NEVER_UP << 16) | (SIGNED_ZERO_CODE as u32 - 1);
             }
         }
-        let code = FastCode { values, lut, lut_keep_sign, planes };
+        let code = FastCode { values, lut, lut_keep_sign, planes, decade };
         // A cheap self-check: every code value and midpoint encodes as the
         // binary search does.
         for k in 0..255 {
@@ -487,6 +507,7 @@ mod vbmi {
     use std::arch::x86_64::*;
 
     use super::{AdamW8, FastCode, Scale, BLOCK, CLAMP_HI, CLAMP_LO};
+    use crate::decade_code::EXP_LO;
 
     /// The four byte planes of a code's values as 16 registers' worth.
     pub(super) struct Planes([[__m512i; 4]; 4]);
@@ -494,7 +515,13 @@ mod vbmi {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")]
     pub(super) unsafe fn planes(code: &FastCode) -> Planes {
-        let t = |j: usize, part: usize| _mm512_loadu_si512(code.planes[j].as_ptr().add(64 * part) as *const _);
+        planes_of(&code.planes)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")]
+    unsafe fn planes_of(bytes: &[[u8; 256]; 4]) -> Planes {
+        let t = |j: usize, part: usize| _mm512_loadu_si512(bytes[j].as_ptr().add(64 * part) as *const _);
         Planes([
             [t(0, 0), t(0, 1), t(0, 2), t(0, 3)],
             [t(1, 0), t(1, 1), t(1, 2), t(1, 3)],
@@ -507,6 +534,14 @@ mod vbmi {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")]
     pub(super) unsafe fn dequantize64(q: *const u8, tables: &Planes, absmax: __m512) -> [__m512; 4] {
+        let v = lookup64(_mm512_loadu_si512(q as *const _), tables);
+        [_mm512_mul_ps(v[0], absmax), _mm512_mul_ps(v[1], absmax), _mm512_mul_ps(v[2], absmax), _mm512_mul_ps(v[3], absmax)]
+    }
+
+    /// The table's floats at 64 byte indices, in order (16 per register).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")]
+    unsafe fn lookup64(q: __m512i, tables: &Planes) -> [__m512; 4] {
         const PERM: [u8; 64] = {
             let mut perm = [0u8; 64];
             let mut pos = 0;
@@ -518,7 +553,7 @@ mod vbmi {
             perm
         };
         let perm = _mm512_loadu_si512(PERM.as_ptr() as *const _);
-        let c = _mm512_permutexvar_epi8(perm, _mm512_loadu_si512(q as *const _));
+        let c = _mm512_permutexvar_epi8(perm, q);
         let upper = _mm512_movepi8_mask(c);
         let plane = |tb: &[__m512i; 4]| {
             let lo = _mm512_permutex2var_epi8(tb[0], c, tb[1]);
@@ -530,10 +565,10 @@ mod vbmi {
         let (w01l, w01h) = (_mm512_unpacklo_epi8(b0, b1), _mm512_unpackhi_epi8(b0, b1));
         let (w23l, w23h) = (_mm512_unpacklo_epi8(b2, b3), _mm512_unpackhi_epi8(b2, b3));
         [
-            _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(w01l, w23l)), absmax),
-            _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(w01l, w23l)), absmax),
-            _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(w01h, w23h)), absmax),
-            _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(w01h, w23h)), absmax),
+            _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01l, w23l)),
+            _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01l, w23l)),
+            _mm512_castsi512_ps(_mm512_unpacklo_epi16(w01h, w23h)),
+            _mm512_castsi512_ps(_mm512_unpackhi_epi16(w01h, w23h)),
         ]
     }
 
@@ -596,6 +631,101 @@ mod vbmi {
             *cj = encode16(s, base);
         }
         pack64(c)
+    }
+
+    /// [`DecadeCode`]'s tables in registers (thresholds as byte planes).
+    pub(super) struct Decade {
+        t0: (__m512i, __m512i),
+        next: (__m512, __m512),
+        scale: __m512,
+        offset: __m512,
+        base: __m512i,
+        last: __m512i,
+        thr: Planes,
+        signed: bool,
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")]
+    pub(super) unsafe fn decade(code: &FastCode) -> Option<Decade> {
+        let (d, thr) = code.decade.as_ref()?;
+        let i = |a: &[i32], at: usize| _mm512_loadu_si512(a.as_ptr().add(at) as *const _);
+        let f = |a: &[f32], at: usize| _mm512_loadu_ps(a.as_ptr().add(at));
+        Some(Decade {
+            t0: (i(&d.t0, 0), i(&d.t0, 16)),
+            next: (f(&d.next, 0), f(&d.next, 16)),
+            scale: f(&d.scale, 0),
+            offset: f(&d.offset, 0),
+            base: i(&d.base, 0),
+            last: i(&d.last, 0),
+            thr: planes_of(thr),
+            signed: d.signed,
+        })
+    }
+
+    /// Codes of the 64 finite values at `x`, scaled by `scale`, by the
+    /// arithmetic of [`DecadeCode::encode`] (no table read per element):
+    /// candidates from the exponent and one fused multiply-add, then one
+    /// comparison with the thresholds, read 64 at a time by byte shuffles.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")]
+    unsafe fn encode64_decade(x: *const f32, scale: Scale, k: &Decade) -> __m512i {
+        let zero = _mm512_setzero_ps();
+        let one = _mm512_set1_epi32(1);
+        let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
+        let mut cand = [_mm512_setzero_si512(); 4];
+        let mut mag = [zero; 4];
+        let mut neg = 0u64;
+        for j in 0..4 {
+            let xi = _mm512_loadu_ps(x.add(16 * j));
+            // +0.0 as in encode64: a negative x that underflows stays -0.0.
+            let s = match scale {
+                Scale::Mul(f) => _mm512_fmadd_ps(xi, _mm512_set1_ps(f), zero),
+                Scale::Div(a) => _mm512_div_ps(_mm512_add_ps(xi, zero), _mm512_set1_ps(a)),
+            };
+            let bits = _mm512_castps_si512(s);
+            neg |= (_mm512_movepi32_mask(bits) as u64) << (16 * j);
+            let a = _mm512_castsi512_ps(_mm512_and_si512(bits, abs_mask));
+            // Biased exponent, at least EXP_LO; its low 5 bits index the tables.
+            let e = _mm512_srli_epi32::<23>(_mm512_castps_si512(a));
+            let e = _mm512_min_epu32(_mm512_max_epu32(e, _mm512_set1_epi32(EXP_LO as i32)), _mm512_set1_epi32(127));
+            let t0 = _mm512_permutex2var_epi32(k.t0.0, e, k.t0.1);
+            let next = _mm512_permutex2var_ps(k.next.0, e, k.next.1);
+            let t = _mm512_mask_add_epi32(t0, _mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, next), t0, one);
+            let y = _mm512_fmadd_ps(a, _mm512_permutexvar_ps(t, k.scale), _mm512_permutexvar_ps(t, k.offset));
+            let y = _mm512_min_ps(y, _mm512_set1_ps(512.0));
+            let kk = _mm512_cvt_roundps_epi32::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(y);
+            let c = _mm512_add_epi32(kk, _mm512_permutexvar_epi32(t, k.base));
+            cand[j] = _mm512_min_epi32(c, _mm512_permutexvar_epi32(t, k.last));
+            mag[j] = a;
+        }
+        let codes = pack64(cand);
+        let thr = lookup64(codes, &k.thr);
+        let mut up = 0u64;
+        for j in 0..4 {
+            up |= (_mm512_cmp_ps_mask::<_CMP_GT_OQ>(mag[j], thr[j]) as u64) << (16 * j);
+        }
+        let codes = _mm512_mask_add_epi8(codes, up, codes, _mm512_set1_epi8(1));
+        if !k.signed {
+            // Every negative value's nearest is 0.0, code 0 (v never is negative).
+            return _mm512_maskz_mov_epi8(!neg, codes);
+        }
+        // Negative values mirror positive ones (code 254 - c) and never get
+        // the code of 0.0 (127), nor 255's mirror (there is no -1.0).
+        let c = _mm512_min_epu8(_mm512_max_epu8(codes, _mm512_set1_epi8(128u8 as i8)), _mm512_set1_epi8(254u8 as i8));
+        _mm512_mask_sub_epi8(codes, neg, _mm512_set1_epi8(254u8 as i8), c)
+    }
+
+    /// [`encode64_decade`] over `x` (finite, its length a multiple of 64),
+    /// for tests.
+    #[cfg(test)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx2,fma")]
+    pub(super) unsafe fn encode_decade(x: &[f32], scale: Scale, code: &FastCode, out: &mut [u8]) -> bool {
+        let Some(k) = decade(code) else { return false };
+        for i in (0..x.len() / 64 * 64).step_by(64) {
+            _mm512_storeu_si512(out.as_mut_ptr().add(i) as *mut _, encode64_decade(x.as_ptr().add(i), scale, &k));
+        }
+        true
     }
 
     /// Encode `x` (finite) into `out` as the scalar `encode_block` does; a
@@ -728,6 +858,11 @@ mod vbmi {
             flip: _mm512_castsi512_ps(_mm512_set1_epi32(if h.maximize { i32::MIN } else { 0 })),
         };
         let (base_m, base_v) = (cs.gather_base_keep_sign(), cu.gather_base());
+        // The arithmetic encoder where both maps have it (the dynamic ones do).
+        let decades = match (decade(cs), decade(cu)) {
+            (Some(dm), Some(dv)) => Some((dm, dv)),
+            _ => None,
+        };
         // m and v of two blocks: the one being updated and the one being encoded.
         let mut scratch = [[0f32; BLOCK]; 4];
         let mut scales = (Scale::Mul(0.0), Scale::Mul(0.0));
@@ -748,8 +883,12 @@ mod vbmi {
                 }
                 if b > 0 {
                     let e = (b - 1) * BLOCK + i;
-                    _mm512_storeu_si512(qmp.add(e) as *mut _, encode64(mprev.add(i), scales.0, base_m));
-                    _mm512_storeu_si512(qvp.add(e) as *mut _, encode64(vprev.add(i), scales.1, base_v));
+                    let (cm, cv) = match &decades {
+                        Some((dm, dv)) => (encode64_decade(mprev.add(i), scales.0, dm), encode64_decade(vprev.add(i), scales.1, dv)),
+                        None => (encode64(mprev.add(i), scales.0, base_m), encode64(vprev.add(i), scales.1, base_v)),
+                    };
+                    _mm512_storeu_si512(qmp.add(e) as *mut _, cm);
+                    _mm512_storeu_si512(qvp.add(e) as *mut _, cv);
                 }
             }
             if b < nb {
@@ -1175,6 +1314,11 @@ mod tests {
                         encode_block(&x, Scale::Mul(1.0), fast, keep_sign, &mut a);
                         unsafe { vbmi::encode_finite(&x, Scale::Mul(1.0), fast, keep_sign, &mut b) };
                         assert!(a == b, "chunk at {start:#x}, keep_sign {keep_sign}");
+                        // The arithmetic encoder (the signed map keeps the sign).
+                        if keep_sign == (fast.values[0] < 0.0) {
+                            assert!(unsafe { vbmi::encode_decade(&x, Scale::Mul(1.0), fast, &mut b) });
+                            assert!(a == b, "decade encoder, chunk at {start:#x}");
+                        }
                     }
                 }
             }
@@ -1239,6 +1383,14 @@ mod tests {
                         unsafe { vbmi::encode_finite(&finite, scale, fast, keep_sign, &mut c2) };
                         let bad = c1.iter().zip(&c2).position(|(a, b)| a != b);
                         assert!(bad.is_none(), "{scale:?} keep_sign {keep_sign}: x={:e} {:?}", finite[bad.unwrap_or(0)], bad.map(|i| (c1[i], c2[i])));
+                        // The arithmetic encoder: the signed map always keeps the sign.
+                        if keep_sign == (fast.values[0] < 0.0) {
+                            c2.fill(1);
+                            let n = finite.len() / 64 * 64;
+                            assert!(unsafe { vbmi::encode_decade(&finite[..n], scale, fast, &mut c2[..n]) }, "a dynamic map");
+                            let bad = c1[..n].iter().zip(&c2[..n]).position(|(a, b)| a != b);
+                            assert!(bad.is_none(), "decade {scale:?}: x={:e} {:?}", finite[bad.unwrap_or(0)], bad.map(|i| (c1[i], c2[i])));
+                        }
                     }
                 }
             }

@@ -12,6 +12,7 @@ pub mod attn_grad;
 pub mod blockwise8;
 pub mod codebook;
 pub mod cpu;
+pub mod decade_code;
 pub mod dynamic_map;
 pub mod elem;
 pub mod error;
