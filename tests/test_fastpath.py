@@ -219,8 +219,9 @@ def _saved_shapes(model, batch) -> list[tuple]:
     return shapes
 
 
-@pytest.mark.parametrize("recompute", ["on", "off"])
-def test_trainer_trims_exactly_when_it_recomputes_the_mlp(tiny_llama_dir, monkeypatch, recompute):
+@pytest.mark.parametrize("recompute,dtype,lean", [("on", "bfloat16", True), ("off", "bfloat16", False),
+                                                   ("auto", "bfloat16", True), ("auto", "float32", False)])
+def test_trainer_trims_exactly_when_it_recomputes_the_mlp(tiny_llama_dir, monkeypatch, recompute, dtype, lean):
     import qpeft.train.fastpath as fastpath
     import qpeft.train.trainer as trainer
     from qpeft.train import TrainConfig
@@ -228,13 +229,13 @@ def test_trainer_trims_exactly_when_it_recomputes_the_mlp(tiny_llama_dir, monkey
     seen = {}
     real = fastpath.enable_fast_path
     monkeypatch.setattr(trainer, "enable_fast_path", lambda m, **k: seen.update(k) or real(m, **k))
-    cfg = TrainConfig(model=str(tiny_llama_dir), compute_dtype="bfloat16", recompute_mlp=recompute,
+    cfg = TrainConfig(model=str(tiny_llama_dir), compute_dtype=dtype, recompute_mlp=recompute,
                       lora_r=4, lora_alpha=8)
-    model, _ = trainer.build_model(cfg, torch.bfloat16)
+    model, _ = trainer.build_model(cfg, getattr(torch, dtype))
     # (What the hooks do is test_heap_trim_hooks_run_in_forward_and_if_asked_backward's.)
-    assert seen["recompute_mlp"] is seen["trim_in_backward"] is (recompute == "on")
-    # Keeping the MLP activations is the fast setting: no trims inside the step.
-    assert seen["trim_every"] == (fastpath.TRIM_EVERY if recompute == "on" else 0)
+    assert seen["recompute_mlp"] is seen["trim_in_backward"] is lean
+    # Asking to keep the MLP activations asks for speed: no trims inside the step.
+    assert seen["trim_every"] == (0 if recompute == "off" else fastpath.TRIM_EVERY)
 
 
 def test_recomputed_mlp_keeps_no_mlp_activation(tiny_llama_dir):

@@ -209,13 +209,13 @@ def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
     # per (padded) sequence length and, on the fast path, freed buffers not yet
     # returned to the OS (fp32 temporaries of the norms and SwiGLU of the layers
     # between two heap trims). Calibrated on SmolLM2 with the fast path
-    # (4 x 256 tokens: 1.30 GB measured; the default run: 1.32 GB). Without
-    # the recomputation the trainer does not trim inside the step (it trades
-    # memory for speed), and the heap holds about three times as much:
-    # measured 1.70-1.75 GB against 1.24 with it, bf16, 4 x 256 tokens.
+    # (4 x 256 tokens: 1.30 GB measured; the default run: 1.32 GB). With
+    # recompute_mlp "off" the trainer does not trim inside the step (speed
+    # over memory), and the heap holds about three times as much: measured
+    # 1.70-1.75 GB against 1.55 with the trims, bf16, 4 x 256 tokens.
     overhead = _KERNEL_CACHES
     if fast and not cfg.gradient_checkpointing:
-        slack_layers = TRIM_EVERY if cfg.recomputes_mlp(dtype) else 3 * TRIM_EVERY
+        slack_layers = 3 * TRIM_EVERY if cfg.recompute_mlp == "off" else TRIM_EVERY
         overhead += tokens * slack_layers * (2 * inter + 4 * h) * 4
     plan.items["allocator slack and kernel caches"] = overhead
     mapped = weights_file.stat().st_size if weights_file is not None else 0.0

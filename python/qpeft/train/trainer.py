@@ -131,13 +131,16 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype, model: Any = None, tokeniz
         # also returns freed heap in backward: on SmolLM2 (4 x 256 tokens,
         # bf16, 2-core Zen 4) 35-50 MB less peak (1.24 against 1.28 GB) for
         # 1.4% more step time (in-process A/B of 20 alternating steps).
-        # Keeping the blocks is the fast setting: no trims inside the step,
-        # whose page faults (about 200 thousand per step) cost 7% of its
-        # time (2.97 against 2.78 s, in-process A/B of 8 alternating steps),
-        # for 150-250 MB more peak.
+        # Asking for the blocks to be kept (recompute_mlp="off") asks for speed
+        # over memory: no trims inside the step, whose page faults (about 200
+        # thousand per step) cost 7% of its time in bf16 (2.97 against 2.78 s)
+        # and 9% in float32 (5.07 against 4.63 s; in-process A/B runs of
+        # alternating steps), for 150-250 MB more peak in bf16. The float32
+        # default ("auto") keeps the trims and its memory.
         lean = cfg.recomputes_mlp(dtype)
         keep_freed_memory()
-        enable_fast_path(model, recompute_mlp=lean, trim_every=TRIM_EVERY if lean else 0, trim_in_backward=lean)
+        enable_fast_path(model, recompute_mlp=lean, trim_every=0 if cfg.recompute_mlp == "off" else TRIM_EVERY,
+                         trim_in_backward=lean)
     if cfg.gradient_checkpointing:
         base = model.get_base_model()
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
