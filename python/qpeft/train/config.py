@@ -113,6 +113,13 @@ class TrainConfig:
             return False
         return self.recompute_mlp == "on" or dtype != torch.float32
 
+    def trims_heap_in_step(self) -> bool:
+        """Whether the fast path returns freed heap to the OS inside a step
+        (every few decoder layers). An explicit ``recompute_mlp="off"`` asks
+        for speed over memory and skips it; the trainer still trims after
+        every step."""
+        return self.recompute_mlp != "off"
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
         def need(cond: bool, msg: str) -> None:

@@ -17,12 +17,24 @@ from typing import Any, Optional
 
 __all__ = ["keep_freed_memory", "release_free_memory"]
 
-_malloc_trim: Any = None
+_libc_fn: dict = {}
 _tuned: Optional[bool] = None
 
 # glibc's mallopt parameters.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+
+
+def _glibc(name: str) -> Any:
+    """glibc's function ``name`` (looked up once), or None without glibc."""
+    if name not in _libc_fn:
+        try:
+            import ctypes
+
+            _libc_fn[name] = getattr(ctypes.CDLL("libc.so.6"), name)
+        except (OSError, AttributeError):
+            _libc_fn[name] = None
+    return _libc_fn[name]
 
 
 def release_free_memory() -> None:
@@ -31,16 +43,9 @@ def release_free_memory() -> None:
     Costs roughly 10 ms per call on a 1 GB heap; the trainer calls it after
     every step and, on the fast path, every few decoder layers.
     """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def keep_freed_memory() -> bool:
@@ -60,12 +65,7 @@ def keep_freed_memory() -> bool:
     """
     global _tuned
     if _tuned is None:
-        _tuned = False
-        try:
-            import ctypes
-
-            mallopt = ctypes.CDLL("libc.so.6").mallopt
-            _tuned = bool(mallopt(_M_MMAP_THRESHOLD, 64 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-        except (OSError, AttributeError):
-            pass
+        mallopt = _glibc("mallopt")
+        _tuned = mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, 64 << 20)) and bool(
+            mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _tuned

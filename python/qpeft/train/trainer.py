@@ -139,7 +139,7 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype, model: Any = None, tokeniz
         # default ("auto") keeps the trims and its memory.
         lean = cfg.recomputes_mlp(dtype)
         keep_freed_memory()
-        enable_fast_path(model, recompute_mlp=lean, trim_every=0 if cfg.recompute_mlp == "off" else TRIM_EVERY,
+        enable_fast_path(model, recompute_mlp=lean, trim_every=TRIM_EVERY if cfg.trims_heap_in_step() else 0,
                          trim_in_backward=lean)
     if cfg.gradient_checkpointing:
         base = model.get_base_model()
