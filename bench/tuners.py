@@ -28,6 +28,13 @@ Two workloads, each run by both implementations in this one invocation:
 ``--dtype float32`` uses float32 activations/compute instead (for CPUs
 without fast bfloat16).
 
+The linear workload also times ``matmul_floor``: only the two dense matmuls
+any implementation of that step has to do (the forward ``x W^T`` and the
+input gradient ``dy W``, in the compute dtype, on a dense copy of the weight),
+no quantization, no adapter. PEFT+bitsandbytes' time over it is the largest
+speed-up any implementation could show; in float32 both stacks run the same
+float32 matmuls (MKL's), and that bound is below 1.3x.
+
 Each (workload, implementation) runs in its own subprocess, so its peak
 memory is its own: the figure is the peak resident set size during the timed
 steps (the kernel's high-water mark is reset once the model is built), and
@@ -69,9 +76,9 @@ from torch import nn  # noqa: E402
 from _lockstep import Turns, lockstep  # noqa: E402
 
 WORKLOADS = ("linear", "model")
-IMPLS = ("qpeft", "qpeft_recompute", "peft_bnb")
+IMPLS = ("qpeft", "qpeft_recompute", "peft_bnb", "matmul_floor")
 #: Implementations that only differ from another on some workloads.
-ONLY_FOR = {"qpeft_recompute": ("model",)}
+ONLY_FOR = {"qpeft_recompute": ("model",), "matmul_floor": ("linear",)}
 DEFAULT_JSON = os.path.join("bench", "results", "tuners.json")
 
 
@@ -143,6 +150,17 @@ class _One(nn.Module):
 def _linear_setup(impl: str, size: int, tokens: int, r: int, dtype: torch.dtype):
     torch.manual_seed(0)
     dense = nn.Linear(size, size, bias=False)
+    if impl == "matmul_floor":
+        w = dense.weight.detach().to(dtype)
+        g = torch.Generator().manual_seed(1)
+        xf = torch.randn(tokens, size, generator=g).to(dtype)
+        dy = torch.randn(tokens, size, generator=g).to(dtype)
+
+        def floor_step():
+            xf @ w.t()
+            dy @ w
+
+        return nn.Module(), floor_step
     if impl == "qpeft":
         import qpeft
         from qpeft.tuners import LoraConfig, get_peft_model
@@ -342,6 +360,12 @@ def main(argv=None) -> int:
             if impl == "qpeft":  # the same work as PEFT's step: the target's comparison
                 checks[f"{workload}: qpeft >= 1.3x faster"] = speed >= 1.3
                 checks[f"{workload}: qpeft lower peak memory"] = q["peak_bytes"] < p["peak_bytes"]
+        f = by.get((workload, "matmul_floor"))
+        if f and p:
+            bound = p["median_ms"] / f["median_ms"]
+            print(f"{workload}: its two dense matmuls alone take {f['median_ms']:.1f} ms: PEFT+bitsandbytes takes "
+                  f"{bound:.2f}x that, the most any implementation doing them could be faster"
+                  + ("" if bound >= 1.3 else " (below the 1.3x target: out of reach in this dtype)"))
     for k, ok in checks.items():
         print(f"  [{'met' if ok else 'MISSED'}] {k}")
     if args.json:
