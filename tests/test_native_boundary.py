@@ -98,6 +98,14 @@ def dequantize_4bit_cases():
     yield "round_to float32", {**ok, "round_to": "float32"}, ValueError
     yield "round_to with a 16-bit out", {**ok, "out": np.zeros(n, np.int16), "dtype": "bfloat16", "round_to": "float16"}, ValueError
     yield "negative blocksize", {**ok, "blocksize": -64}, BAD + (OverflowError,)
+    yield "rows into wider rows (ok)", {**ok, "out": np.zeros(2 * 130, np.float32), "cols": 128, "stride": 130}, None
+    yield "rows, stride below cols", {**ok, "out": np.zeros(2 * 100, np.float32), "cols": 128, "stride": 100}, ValueError
+    yield "rows, cols only", {**ok, "cols": 128}, ValueError
+    yield "rows, stride only", {**ok, "stride": 256}, ValueError
+    yield "rows, cols not whole blocks", {**ok, "out": np.zeros(4 * 70, np.float32), "cols": 64 + 1, "stride": 70}, ValueError
+    yield "rows, cols 0", {**ok, "cols": 0, "stride": 0}, ValueError
+    yield "rows, short out", {**ok, "out": np.zeros(2 * 130 - 1, np.float32), "cols": 128, "stride": 130}, ValueError
+    yield "rows, negative stride", {**ok, "cols": 128, "stride": -1}, BAD + (OverflowError,)
 
 
 def gemv_weight_cases():

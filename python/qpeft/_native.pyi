@@ -40,7 +40,11 @@ def dequantize_4bit(
     blocksize2: int = 256,
     isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
     round_to: Optional[Literal["bfloat16", "float16"]] = None,
-) -> None: ...
+    cols: Optional[int] = None,
+    stride: Optional[int] = None,
+) -> None:
+    """Blockwise 4-bit dequantization into ``out``; with ``cols`` and ``stride``
+    each row of ``cols`` values goes to the first ``cols`` of a row of ``stride``."""
 def quantize_blockwise(
     x: npt.NDArray[np.float32] | npt.NDArray[np.int16],
     dtype: _Float,

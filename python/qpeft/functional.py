@@ -50,6 +50,7 @@ __all__ = [
     "linear_4bit",
     "grad_input_4bit",
     "lora_matmul",
+    "lora_matmul_4bit",
     "linear_4bit_lora",
     "lora_up_add_",
     "dense_matmul_dtype",
@@ -1136,15 +1137,77 @@ def lora_matmul(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tens
     if dtype not in ROUND_ONCE_DTYPES:
         return (x @ W.t()).addmm_(h, B.to(dtype).t(), alpha=scaling), h
     rows, k = W.shape
-    r = h.shape[1]
-    numel = rows * (k + r)
-    buf = getattr(_augmented, "buf", None)
-    if buf is None or buf.dtype != dtype or buf.device != x.device or buf.numel() < numel:
-        buf = _augmented.buf = torch.empty(numel, dtype=dtype, device=x.device)
-    Wa = buf[:numel].view(rows, k + r)
+    Wa = _augmented_buffer(rows, k + h.shape[1], dtype, x.device, 0)
     Wa[:, :k].copy_(W)
-    Wa[:, k:].copy_(B * scaling if scaling != 1.0 else B)
-    return torch.cat([x, h], dim=1) @ Wa.t(), h
+    return _augmented_matmul(x, h, Wa, B, scaling), h
+
+
+def _augmented_buffer(rows: int, cols: int, dtype: torch.dtype, device: torch.device, slot: int) -> torch.Tensor:
+    """A ``[rows, cols]`` view of this thread's augmented-weight buffer number ``slot`` (reused from call to call)."""
+    bufs = getattr(_augmented, "bufs", None)
+    if bufs is None:
+        bufs = _augmented.bufs = {}
+    numel = rows * cols
+    buf = bufs.get(slot)
+    if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
+        bufs[slot] = None  # let the old one go before the new one exists
+        buf = bufs[slot] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(rows, cols)
+
+
+def _augmented_matmul(x: torch.Tensor, h: torch.Tensor, Wa: torch.Tensor, B: torch.Tensor,
+                      scaling: float) -> torch.Tensor:
+    """``[x | h] @ [W | s B]^T`` for ``Wa`` holding ``W`` in its first columns: the adapter's columns are filled here."""
+    Wa[:, x.shape[1]:].copy_(B * scaling if scaling != 1.0 else B)
+    return torch.cat([x, h], dim=1) @ Wa.t()
+
+
+def _dequantizes_into_rows(x: torch.Tensor, weight: torch.Tensor, qs: Any) -> bool:
+    """Whether :func:`lora_matmul_4bit` writes the dense weight straight into the augmented matrix."""
+    shape = qs.shape
+    return (
+        x.device.type == "cpu"
+        and x.dtype in ROUND_ONCE_DTYPES
+        and weight.device.type == "cpu"
+        and shape is not None
+        and len(shape) == 2
+        and shape[1] % qs.blocksize == 0
+        and x.dim() == 2
+        and x.shape[1] == shape[1]
+    )
+
+
+def lora_matmul_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantState, A: torch.Tensor,
+                     B: torch.Tensor, scaling: float, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`lora_matmul` for a 4-bit weight (no autograd): ``(y, x A^T, W)``, ``W`` the dense weight in ``x``'s dtype.
+
+    On the CPU in 16-bit dtypes (with ``in_features`` a multiple of the block
+    size) the weight is dequantized straight into the first columns of the
+    augmented matrix ``[W | s B]`` the matmul reads, in this thread's buffer
+    number ``slot``, instead of into a buffer of its own and then copied
+    there; ``W`` is then a view of that buffer, valid until the next call
+    with the same ``slot`` (callers that need two weights at once, such as a
+    feed-forward block's backward, use two slots). Elsewhere ``W`` is a fresh
+    tensor and the result is :func:`lora_matmul`'s.
+    """
+    dtype = x.dtype
+    if _dequantizes_into_rows(x, weight, quant_state):
+        n, k = int(quant_state.shape[0]), int(quant_state.shape[1])
+        h = x @ A.to(dtype).t()
+        Wa = _augmented_buffer(n, k + h.shape[1], dtype, x.device, slot)
+        packed = weight.detach()
+        if packed.dtype != torch.uint8:
+            packed = packed.contiguous().view(torch.uint8)
+        packed = packed.contiguous()
+        if packed.numel() != n * k // 2:
+            raise ValueError(f"packed data has {packed.numel()} bytes, but shape {[n, k]} needs {n * k // 2}")
+        _native.dequantize_4bit(_flat_view(packed), quant_state.quant_type, quant_state.blocksize,
+                                _flat_view(Wa), _FLOAT_DTYPES[dtype], _threads(),
+                                cols=k, stride=Wa.shape[1], **_scale_kwargs(quant_state, _flat_view))
+        return _augmented_matmul(x, h, Wa, B, scaling), h, Wa[:, :k]
+    W = dequantize_4bit(weight, quant_state).to(dtype)
+    y, h = lora_matmul(x, W, A, B, scaling)
+    return y, h, W
 
 
 def linear_4bit_lora(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantState, A: torch.Tensor,
@@ -1159,6 +1222,9 @@ def linear_4bit_lora(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantSt
     if x.shape[0] <= _gemv_max_tokens(x):
         h = x @ A.to(x.dtype).t()
         return linear_4bit(x, weight, quant_state).addmm_(h, B.to(x.dtype).t(), alpha=scaling), h
+    if _dequantizes_into_rows(x, weight, quant_state):
+        y, h, _ = lora_matmul_4bit(x, weight, quant_state, A, B, scaling)
+        return y, h
     return lora_matmul(x, _dense_scratch(weight, quant_state, x.dtype, False), A, B, scaling)
 
 

@@ -299,7 +299,7 @@ mod bindings {
     #[pyfunction]
     #[pyo3(signature = (packed, quant_type, blocksize, out, dtype, threads, absmax=None,
                         qabsmax=None, absmax2=None, code2=None, offset=0.0, blocksize2=256, isa=None,
-                        round_to=None))]
+                        round_to=None, cols=None, stride=None))]
     #[allow(clippy::too_many_arguments)]
     fn dequantize_4bit(
         py: Python<'_>,
@@ -317,24 +317,38 @@ mod bindings {
         blocksize2: usize,
         isa: Option<&str>,
         round_to: Option<&str>,
+        cols: Option<usize>,
+        stride: Option<usize>,
     ) -> PyResult<()> {
         let qt = parse_quant_type(quant_type)?;
         let isa = parse_isa(isa)?;
         let packed = slice(&packed, "packed")?;
+        let rows = match (cols, stride) {
+            (None, None) => None,
+            (Some(c), Some(s)) => Some((c, s)),
+            _ => return Err(PyValueError::new_err("give both cols and stride (rows into a wider matrix), or neither")),
+        };
         let mut code = [0.0f32; 256];
         let scales = scales(&absmax, &qabsmax, &absmax2, &code2, offset, blocksize2, &mut code)?;
         let mut outp = output(out, dtype)?;
+        // The whole output, or each row's first `cols` elements of `stride`.
+        #[allow(clippy::too_many_arguments)]
+        fn go<T: Elem>(isa: Isa, packed: &[u8], scales: Scales, qt: QuantType, bs: usize, o: &mut [T], threads: usize,
+                       rows: Option<(usize, usize)>) -> Result<(), Error> {
+            match rows {
+                None => nf4::dequantize_4bit_isa(isa, packed, scales, qt, bs, o, threads),
+                Some((c, s)) => nf4::dequantize_4bit_rows_isa(isa, packed, scales, qt, bs, c, s, o, threads),
+            }
+        }
         match (round_to, &mut outp) {
-            (None, _) => with_output!(outp, o => run(py, || {
-                nf4::dequantize_4bit_isa(isa, packed, scales, qt, blocksize, o, threads)
-            })),
+            (None, _) => with_output!(outp, o => run(py, || go(isa, packed, scales, qt, blocksize, o, threads, rows))),
             (Some("bfloat16"), Out::F32(a)) => {
                 let o: &mut [Bf16InF32] = as_f32_wrappers(slice_mut(a, "output")?);
-                run(py, || nf4::dequantize_4bit_isa(isa, packed, scales, qt, blocksize, o, threads))
+                run(py, || go(isa, packed, scales, qt, blocksize, o, threads, rows))
             }
             (Some("float16"), Out::F32(a)) => {
                 let o: &mut [F16InF32] = as_f32_wrappers(slice_mut(a, "output")?);
-                run(py, || nf4::dequantize_4bit_isa(isa, packed, scales, qt, blocksize, o, threads))
+                run(py, || go(isa, packed, scales, qt, blocksize, o, threads, rows))
             }
             (Some(r), _) => Err(PyValueError::new_err(format!(
                 "round_to must be 'bfloat16' or 'float16' with a float32 output, got round_to={r:?} and dtype={dtype:?}"

@@ -767,6 +767,74 @@ pub fn dequantize_4bit_isa<T: Elem>(
     Ok(())
 }
 
+/// As [`dequantize_4bit_isa`], each row of `cols` values written to the
+/// first `cols` elements of a row of `stride` in `out` (the rest of each
+/// row untouched): a weight dequantized straight into a wider matrix, such
+/// as a LoRA layer's weight with the adapter's columns beside it, instead of
+/// into a buffer of its own and then copied. `cols` must be a multiple of
+/// the block size (rows are whole blocks) and `out` hold exactly
+/// `rows * stride` elements, `rows` being the packed values over `cols`.
+#[allow(clippy::too_many_arguments)]
+pub fn dequantize_4bit_rows_isa<T: Elem>(
+    isa: Isa,
+    packed: &[u8],
+    scales: Scales,
+    qt: QuantType,
+    blocksize: usize,
+    cols: usize,
+    stride: usize,
+    out: &mut [T],
+    threads: usize,
+) -> Result<()> {
+    check_blocksize(blocksize)?;
+    if cols == 0 || !cols.is_multiple_of(blocksize) {
+        return Err(invalid(format!(
+            "cols ({cols}) must be a positive multiple of the block size ({blocksize}), so that every row is whole blocks"
+        )));
+    }
+    if stride < cols {
+        return Err(invalid(format!("stride ({stride}) must be at least cols ({cols})")));
+    }
+    let n = packed.len() * 2;
+    if !n.is_multiple_of(cols) {
+        return Err(invalid(format!(
+            "packed input holds {n} values, not a whole number of rows of {cols}"
+        )));
+    }
+    let rows = n / cols;
+    if Some(out.len()) != rows.checked_mul(stride) {
+        return Err(invalid(format!(
+            "output must have rows * stride = {rows} * {stride} elements, got {}",
+            out.len()
+        )));
+    }
+    scales.check(n / blocksize)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let isa = cpu::usable(isa);
+    let table = qt.table();
+    let per_row = cols / blocksize;
+    let rows_per_task = parallel::blocks_per_task(n / blocksize, blocksize, threads).div_ceil(per_row);
+    let task = |r0: usize, os: &mut [T]| {
+        for (j, row) in os.chunks_exact_mut(stride).enumerate() {
+            let r = r0 + j;
+            let ps = &packed[r * cols / 2..(r + 1) * cols / 2];
+            dequant_chunk_isa(isa, ps, &scales, r * per_row, table, blocksize, &mut row[..cols], false);
+        }
+    };
+    if threads <= 1 || rows <= rows_per_task {
+        task(0, out);
+        return Ok(());
+    }
+    let tasks: Vec<Mutex<&mut [T]>> = out.chunks_mut(rows_per_task * stride).map(Mutex::new).collect();
+    parallel::run_tasks(threads, tasks.len(), &|i| {
+        let mut os = tasks[i].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        task(i * rows_per_task, &mut os)
+    });
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -833,6 +901,50 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn rows_go_into_a_wider_matrix_unchanged() {
+        for &bs in &BLOCK_SIZES {
+            for (rows, per_row) in [(1, 1), (3, 2), (40, 1), (257, 3)] {
+                let cols = bs * per_row;
+                let x = data(rows * cols, (rows + bs) as u64, 2.0);
+                let (p, a, want) = roundtrip(Isa::Scalar, &x, QuantType::Nf4, bs, 1);
+                for isa in cpu::available() {
+                    for threads in [1, 3] {
+                        for extra in [0, 5, 16] {
+                            let stride = cols + extra;
+                            let mut out = vec![Bf16::from_f32(7.0); rows * stride];
+                            dequantize_4bit_rows_isa(isa, &p, Scales::Plain(&a), QuantType::Nf4, bs, cols, stride, &mut out, threads)
+                                .unwrap();
+                            for (r, row) in out.chunks_exact(stride).enumerate() {
+                                let got: Vec<f32> = row[..cols].iter().map(|v| v.to_f32()).collect();
+                                let exp: Vec<f32> = want[r * cols..(r + 1) * cols].iter().map(|&v| Bf16::from_f32(v).to_f32()).collect();
+                                assert_eq!(got, exp, "{isa:?} bs={bs} rows={rows} cols={cols} stride={stride} row {r}");
+                                assert!(row[cols..].iter().all(|v| v.to_f32() == 7.0), "columns past cols were written");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_reject_bad_shapes() {
+        let x = data(256, 1, 1.0);
+        let (p, a, _) = roundtrip(Isa::Scalar, &x, QuantType::Nf4, 64, 1);
+        let run = |cols: usize, stride: usize, len: usize| {
+            let mut out = vec![0f32; len];
+            dequantize_4bit_rows_isa(Isa::Scalar, &p, Scales::Plain(&a), QuantType::Nf4, 64, cols, stride, &mut out, 1)
+        };
+        assert!(run(128, 130, 260).is_ok());
+        assert!(run(96, 100, 400).is_err(), "cols not whole blocks");
+        assert!(run(0, 0, 0).is_err(), "cols 0");
+        assert!(run(128, 100, 200).is_err(), "stride below cols");
+        assert!(run(128, 130, 259).is_err(), "output too short");
+        assert!(run(128, 130, 261).is_err(), "output too long");
+        assert!(run(192, 192, 384).is_err(), "not whole rows");
     }
 
     #[test]

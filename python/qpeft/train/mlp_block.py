@@ -71,11 +71,13 @@ def rmsnorm_values(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[t
     return weight * xs, scale
 
 
-def _lora_out(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> tuple:
-    # Backward's recomputation, from the dense weight it needs anyway: the
-    # forward's values (functional.linear_4bit_lora); returns (output, x A^T), shaped as x.
-    y, a = functional.lora_matmul(x.reshape(-1, x.shape[-1]), W, A, B, s)
-    return y.view(*x.shape[:-1], y.shape[-1]), a.view(*x.shape[:-1], a.shape[-1])
+def _lora_out(x: torch.Tensor, wq: torch.Tensor, qs: Any, A: torch.Tensor, B: torch.Tensor, s: float,
+              slot: int) -> tuple:
+    # Backward's recomputation: the forward's values (functional.linear_4bit_lora)
+    # and the dense weight the input gradient needs anyway (valid until the
+    # slot's next use); returns (output, x A^T, W), the first two shaped as x.
+    y, a, W = functional.lora_matmul_4bit(x.reshape(-1, x.shape[-1]), wq, qs, A, B, s, slot)
+    return y.view(*x.shape[:-1], y.shape[-1]), a.view(*x.shape[:-1], a.shape[-1]), W
 
 
 def _lora_out_4bit(x: torch.Tensor, wq: torch.Tensor, qs: Any, A: torch.Tensor, B: torch.Tensor, s: float):
@@ -115,10 +117,9 @@ class RecomputedMLP(torch.autograd.Function):
         dtype = ctx.dtype
         (qg, qu, qd), (sg, su, sd) = ctx.states, ctx.scalings
         n = (norm_w * (x.float() * scale).to(x.dtype)).to(dtype)
-        Wg = functional.dequantize_4bit(wg, qg).to(dtype)
-        Wu = functional.dequantize_4bit(wu, qu).to(dtype)
-        g, ag = _lora_out(n, Wg, Ag, Bg, sg)
-        u, au = _lora_out(n, Wu, Au, Bu, su)
+        # Two slots: both dense weights serve the input gradient below.
+        g, ag, Wg = _lora_out(n, wg, qg, Ag, Bg, sg, 0)
+        u, au, Wu = _lora_out(n, wu, qu, Au, Bu, su, 1)
         h = F.silu(g).mul_(u)  # exactly the forward's down-projection input
         dy = d_out.to(dtype)
         flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
