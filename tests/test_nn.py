@@ -328,3 +328,17 @@ def test_widened_prefill_keeps_input_gradients(monkeypatch):
     layer(x).float().sum().backward()
     w16 = layer.dequantize().bfloat16()
     torch.testing.assert_close(x.grad, torch.ones(x.shape[0], 80, dtype=torch.bfloat16) @ w16, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("shape", [(1, 128), (2, 3, 128), "strided", (0, 128)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_inference_keeps_shapes_bias_and_clear_errors(shape, bias):
+    """Linear4bit without autograd (the fused kernel for few tokens): odd inputs work or fail clearly."""
+    _, layer = make_layer(in_f=128, out_f=64, bias=bias)
+    x = torch.randn(128, 4).t() if shape == "strided" else torch.randn(*shape)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == (*x.shape[:-1], 64)
+    torch.testing.assert_close(y, F.linear(x, layer.dequantize(), layer.bias), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), pytest.raises(ValueError, match="expects 128"):
+        layer(torch.randn(1, 127))
