@@ -55,10 +55,12 @@ def test_chunked_loss_matches_cross_entropy(dtype, rows, train_weight):
 
 
 def test_chunk_rows_per_compute_dtype():
-    # Chunks of fp32 logits stay under glibc's 32 MiB mmap threshold (so they
-    # come from recycled heap memory), whatever the compute dtype.
-    assert chunk_rows(49152) == chunk_rows(49152, torch.float32) == 170
-    assert 170 * 49152 * 4 < 32 << 20
+    # Chunks of fp32 logits stay under the mmap threshold the trainer sets (so
+    # they come from recycled heap memory), malloc's header included.
+    from qpeft.train.heap import MMAP_THRESHOLD
+
+    assert chunk_rows(49152) == chunk_rows(49152, torch.float32) == 341
+    assert 341 * 49152 * 4 + 16 < MMAP_THRESHOLD
     assert chunk_rows(49152, torch.bfloat16) == chunk_rows(49152, torch.float16) == 170
     assert chunk_rows(10**7) == 16  # a floor for huge vocabularies
     assert chunk_rows(1000, chunk_bytes=4000 * 20) == 20

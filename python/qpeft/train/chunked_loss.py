@@ -24,16 +24,21 @@ import torch
 
 from .. import functional
 from ..data import IGNORE_INDEX
+from .heap import MMAP_THRESHOLD
 
 __all__ = ["ChunkedLMLoss", "chunk_rows", "chunked_lm_loss_sum"]
 
-#: Bytes of fp32 logits per chunk with float32 compute: just under glibc's
-#: largest mmap threshold (32 MiB), so the chunk's logits and gradient come
-#: from recycled heap memory instead of fresh pages each time. Fewer rows cost
-#: GEMM efficiency: on a 2-core AVX2 EPYC a SmolLM2 head (1,020 tokens,
-#: forward and input gradient) took 1.93 s in chunks of 85 rows, 1.52 s in
-#: chunks of 170.
-CHUNK_BYTES = 32 << 20
+#: Bytes of fp32 logits per chunk with float32 compute: just under the mmap
+#: threshold the trainer gives glibc (:data:`~qpeft.train.heap.MMAP_THRESHOLD`),
+#: so the chunk's logits and gradient come from recycled heap memory instead
+#: of fresh pages each time. Fewer rows cost GEMM efficiency, most of all in
+#: float32: on a 2-core AVX2 EPYC a SmolLM2 head (1,020 tokens, forward and
+#: input gradient) took 1.93 s in chunks of 85 rows, 1.52 s in chunks of 170;
+#: on a 2-core Zen 4 (AVX2 kernels, float32) a whole SmolLM2 QLoRA step was
+#: 4% faster in chunks of 341 rows than of 170 (in-process A/B of alternating
+#: steps; 1.5% with chunks past the threshold, whose pages are fresh each
+#: time), for about 130 MB more peak memory, where float32 has room.
+CHUNK_BYTES = MMAP_THRESHOLD
 
 #: The same with 16-bit compute. It was half that (85 rows for SmolLM2), but
 #: the head's GEMMs run well below the machine's bf16 rate on so few rows: on a

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-__all__ = ["keep_freed_memory", "release_free_memory"]
+__all__ = ["MMAP_THRESHOLD", "keep_freed_memory", "release_free_memory"]
 
 _libc_fn: dict = {}
 _tuned: Optional[bool] = None
@@ -23,6 +23,11 @@ _tuned: Optional[bool] = None
 # glibc's mallopt parameters.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+
+#: Bytes from which glibc maps each allocation separately (and unmaps it when
+#: freed) once :func:`keep_freed_memory` has run; smaller blocks are recycled
+#: from the heap.
+MMAP_THRESHOLD = 64 << 20
 
 
 def _glibc(name: str) -> Any:
@@ -66,6 +71,6 @@ def keep_freed_memory() -> bool:
     global _tuned
     if _tuned is None:
         mallopt = _glibc("mallopt")
-        _tuned = mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, 64 << 20)) and bool(
+        _tuned = mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
             mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _tuned
