@@ -35,9 +35,9 @@ __all__ = ["ChunkedLMLoss", "chunk_rows", "chunked_lm_loss_sum"]
 #: float32: on a 2-core AVX2 EPYC a SmolLM2 head (1,020 tokens, forward and
 #: input gradient) took 1.93 s in chunks of 85 rows, 1.52 s in chunks of 170;
 #: on a 2-core Zen 4 (AVX2 kernels, float32) a whole SmolLM2 QLoRA step was
-#: 4% faster in chunks of 341 rows than of 170 (in-process A/B of alternating
-#: steps; 1.5% with chunks past the threshold, whose pages are fresh each
-#: time), for about 130 MB more peak memory, where float32 has room.
+#: 1.4-4% faster in chunks of 341 rows than of 170 (two in-process A/B runs of
+#: alternating steps; chunks past the threshold, whose pages are fresh each
+#: time, gained less), for about 140 MB more peak memory, where float32 has room.
 CHUNK_BYTES = MMAP_THRESHOLD
 
 #: The same with 16-bit compute. It was half that (85 rows for SmolLM2), but
