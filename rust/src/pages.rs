@@ -516,7 +516,10 @@ impl PageStore {
             t.stop = false;
             t.loader_exited = false;
         }
-        let threaded = prefetch && order.len() > 1 && self.bufs.len() > 1;
+        // A backing that moves pages (host memory) brings one in by swapping a
+        // buffer: nothing worth a thread, whose wake-ups per page would take
+        // turns with the caller's own threads on the cores.
+        let threaded = prefetch && order.len() > 1 && self.bufs.len() > 1 && !self.backing.moves_pages();
         let mut done = 0;
         let result = if threaded {
             std::thread::scope(|s| {
