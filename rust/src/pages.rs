@@ -34,7 +34,9 @@
 //! pages, and each page's bytes exist once (a copying host backing would
 //! keep every page plus the frames). Copying a page both ways per visit
 //! would more than double the memory traffic of the optimizer step it
-//! serves. File backing (and, later, pages in device memory) copy.
+//! serves. A move costs next to nothing, so such a walk brings its pages in
+//! itself, without the prefetch thread. File backing (and, later, pages in
+//! device memory) copy.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, MutexGuard};
