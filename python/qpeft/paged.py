@@ -14,8 +14,8 @@ With ``backing="host"`` on a CPU the frames and the backing are the same
 host memory, so a page in or out moves the page's buffer between them
 instead of copying it (which costs next to nothing, so that walk brings
 its pages in itself, without the background thread): the walk, the
-least-recently-used order and the
-``page_ins``/``page_outs`` counts are those of the file backing, the frames
+least-recently-used order and the ``page_ins``/``page_outs`` counts are
+those of the file backing, the frames
 still hold at most ``max_resident_bytes`` of pages, and the process holds
 each page once (the whole state, as host backing always does; never the
 state plus the budget). The budget bounds the process's memory only with
