@@ -56,3 +56,18 @@ def test_other_shapes_and_dtypes_fall_back_to_a_fresh_weight(k, dtype):
     y, h, W = F.lora_matmul_4bit(x, packed, state, A, B, 2.0)
     want_y, want_h = F.lora_matmul(x, dense, A, B, 2.0)
     assert torch.equal(y, want_y) and torch.equal(h, want_h) and torch.equal(W, dense)
+
+
+def test_matches_the_augmented_product_written_out_and_keeps_autograd():
+    x, packed, state, A, B = _case(20, 128, 8, 64, True, torch.bfloat16, seed=5)
+    dense = F.dequantize_4bit(packed, state).to(torch.bfloat16)
+    h = x @ A.to(torch.bfloat16).t()
+    want = torch.cat([x, h], 1) @ torch.cat([dense, (B * 0.5).to(torch.bfloat16)], 1).t()
+    y, _, _ = F.lora_matmul_4bit(x, packed, state, A, B, 0.5)
+    assert torch.equal(y, want)
+    # Under autograd the input is a fresh tensor the matmul may keep: gradients flow.
+    xg = x.clone().requires_grad_()
+    yg, _ = F.lora_matmul(xg, dense, A, B, 0.5)
+    assert torch.equal(yg.detach(), want)
+    yg.float().sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape
