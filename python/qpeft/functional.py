@@ -603,13 +603,18 @@ def dequantize_4bit(
 
 
 def _dequantize_4bit_into(packed: torch.Tensor, qs, out: torch.Tensor,
-                          round_to: Optional[torch.dtype] = None) -> torch.Tensor:
+                          round_to: Optional[torch.dtype] = None, cols: Optional[int] = None) -> torch.Tensor:
     """Dequantize checked, contiguous uint8 ``packed`` into ``out`` of any float dtype.
 
     ``round_to`` (bfloat16 or float16, with a float32 ``out``): each value
     rounded to that dtype's precision first, as dequantizing to it and
-    widening would give (in one pass on the CPU).
+    widening would give (in one pass on the CPU). ``cols`` (CPU only, a
+    multiple of the block size): each row of ``cols`` values goes to the
+    first ``cols`` columns of a row of the 2-D ``out``, the rest untouched.
     """
+    rows = {} if cols is None else {"cols": cols, "stride": out.shape[1]}
+    if out.is_cuda and rows:
+        raise ValueError("dequantizing into the first columns of a wider matrix is CPU-only")
     if out.is_cuda:
         if round_to is None or round_to == out.dtype:
             return _cuda.dequantize_4bit(packed, qs, out)
@@ -619,7 +624,7 @@ def _dequantize_4bit_into(packed: torch.Tensor, qs, out: torch.Tensor,
     if round_to is not None:
         kwargs["round_to"] = _FLOAT_DTYPES[round_to]
     _native.dequantize_4bit(
-        _flat_view(packed), qs.quant_type, qs.blocksize, _flat_view(out), dtype_name, _threads(), **kwargs
+        _flat_view(packed), qs.quant_type, qs.blocksize, _flat_view(out), dtype_name, _threads(), **kwargs, **rows
     )
     return out
 
@@ -1190,24 +1195,21 @@ def lora_matmul_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantSt
     feed-forward block's backward, use two slots). Elsewhere ``W`` is a fresh
     tensor and the result is :func:`lora_matmul`'s.
     """
-    dtype = x.dtype
     if _dequantizes_into_rows(x, weight, quant_state):
-        n, k = int(quant_state.shape[0]), int(quant_state.shape[1])
-        h = x @ A.to(dtype).t()
-        Wa = _augmented_buffer(n, k + h.shape[1], dtype, x.device, slot)
-        packed = weight.detach()
-        if packed.dtype != torch.uint8:
-            packed = packed.contiguous().view(torch.uint8)
-        packed = packed.contiguous()
-        if packed.numel() != n * k // 2:
-            raise ValueError(f"packed data has {packed.numel()} bytes, but shape {[n, k]} needs {n * k // 2}")
-        _native.dequantize_4bit(_flat_view(packed), quant_state.quant_type, quant_state.blocksize,
-                                _flat_view(Wa), _FLOAT_DTYPES[dtype], _threads(),
-                                cols=k, stride=Wa.shape[1], **_scale_kwargs(quant_state, _flat_view))
-        return _augmented_matmul(x, h, Wa, B, scaling), h, Wa[:, :k]
-    W = dequantize_4bit(weight, quant_state).to(dtype)
+        return _lora_matmul_rows(x, weight, quant_state, A, B, scaling, slot)
+    W = dequantize_4bit(weight, quant_state).to(x.dtype)
     y, h = lora_matmul(x, W, A, B, scaling)
     return y, h, W
+
+
+def _lora_matmul_rows(x: torch.Tensor, weight: torch.Tensor, qs: Any, A: torch.Tensor, B: torch.Tensor,
+                      scaling: float, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`lora_matmul_4bit` where :func:`_dequantizes_into_rows` holds."""
+    n, k, packed = _weight_packed(weight, qs, x.device)
+    h = x @ A.to(x.dtype).t()
+    Wa = _augmented_buffer(n, k + h.shape[1], x.dtype, x.device, slot)
+    _dequantize_4bit_into(packed, qs, Wa, cols=k)
+    return _augmented_matmul(x, h, Wa, B, scaling), h, Wa[:, :k]
 
 
 def linear_4bit_lora(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantState, A: torch.Tensor,
@@ -1223,7 +1225,7 @@ def linear_4bit_lora(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantSt
         h = x @ A.to(x.dtype).t()
         return linear_4bit(x, weight, quant_state).addmm_(h, B.to(x.dtype).t(), alpha=scaling), h
     if _dequantizes_into_rows(x, weight, quant_state):
-        y, h, _ = lora_matmul_4bit(x, weight, quant_state, A, B, scaling)
+        y, h, _ = _lora_matmul_rows(x, weight, quant_state, A, B, scaling, 0)
         return y, h
     return lora_matmul(x, _dense_scratch(weight, quant_state, x.dtype, False), A, B, scaling)
 

@@ -38,7 +38,7 @@ __all__ = ["ChunkedLMLoss", "chunk_rows", "chunked_lm_loss_sum"]
 #: 1.4-4% faster in chunks of 341 rows than of 170 (two in-process A/B runs of
 #: alternating steps; chunks past the threshold, whose pages are fresh each
 #: time, gained less), for about 140 MB more peak memory, where float32 has room.
-CHUNK_BYTES = MMAP_THRESHOLD
+CHUNK_BYTES = MMAP_THRESHOLD - 4096  # room for malloc's header: a block of exactly the threshold is mapped
 
 #: The same with 16-bit compute. It was half that (85 rows for SmolLM2), but
 #: the head's GEMMs run well below the machine's bf16 rate on so few rows: on a
