@@ -110,10 +110,10 @@ def _resident() -> int:
 
 def _reset_peak() -> bool:
     """Reset the kernel's peak-RSS mark (Linux: ``5`` into ``clear_refs``); ``False`` if impossible."""
-    from qpeft.train.trainer import _release_free_memory
+    from qpeft.train.heap import release_free_memory
 
     gc.collect()
-    _release_free_memory()
+    release_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

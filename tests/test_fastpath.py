@@ -236,8 +236,8 @@ def test_trainer_trims_exactly_when_it_recomputes_the_mlp(tiny_llama_dir, monkey
     model, _ = trainer.build_model(cfg, getattr(torch, dtype))
     # (What the hooks do is test_heap_trim_hooks_run_in_forward_and_if_asked_backward's.)
     assert seen["recompute_mlp"] is seen["trim_in_backward"] is lean
-    # Asking to keep the MLP activations asks for speed: no trims inside the step.
-    assert seen["trim_every"] == (0 if recompute == "off" else fastpath.TRIM_EVERY)
+    # Keeping the MLP activations (asked for, or float32's "auto") is for speed: no trims inside the step.
+    assert seen["trim_every"] == (fastpath.TRIM_EVERY if lean else 0)
 
 
 def test_recomputed_mlp_keeps_no_mlp_activation(tiny_llama_dir):

@@ -62,19 +62,66 @@ def test_recompute_mlp_setting_resolves_per_dtype():
     assert not TrainConfig(recompute_mlp="off").recomputes_mlp(torch.bfloat16)
     # Whole-layer checkpointing recomputes the block anyway.
     assert not TrainConfig(recompute_mlp="on", gradient_checkpointing=True).recomputes_mlp(torch.bfloat16)
+    # Heap trims inside the step go with the memory-lean setting (and with checkpointing).
+    assert auto.trims_heap_in_step(torch.bfloat16) and not auto.trims_heap_in_step(torch.float32)
+    assert TrainConfig(recompute_mlp="on").trims_heap_in_step(torch.float32)
+    assert not TrainConfig(recompute_mlp="off").trims_heap_in_step(torch.bfloat16)
+    assert TrainConfig(gradient_checkpointing=True).trims_heap_in_step(torch.float32)
+
+
+def test_heap_is_trimmed_after_a_step_only_when_the_process_grew(monkeypatch):
+    from qpeft.train import heap
+
+    rss = [1000 << 20]
+    trims = []
+    monkeypatch.setattr(heap, "statm_resident_bytes", lambda: rss[0])
+    monkeypatch.setattr(heap, "release_free_memory", lambda: trims.append(rss[0]))
+    trim = heap.TrimOnGrowth(slack_fraction=1 / 16, min_slack=16 << 20)
+    assert trim() and len(trims) == 1  # the first step: what loading left behind
+    assert not trim()  # the next one sets the reference: 1000 MB
+    for mb in (1000, 1040, 1062, 990):  # within 1/16 (62.5 MB) of it: freed blocks stay for the next step
+        rss[0] = mb << 20
+        assert not trim()
+    rss[0] = 1063 << 20
+    assert trim() and len(trims) == 2  # grown past the slack: trimmed
+    rss[0] = 1100 << 20
+    assert not trim()  # a new reference after a trim
+    rss[0] = 1168 << 20
+    assert not trim()
+    rss[0] = 1169 << 20
+    assert trim() and len(trims) == 3
+    # The floor of the slack applies to small processes.
+    small = heap.TrimOnGrowth(slack_fraction=1 / 16, min_slack=16 << 20)
+    rss[0] = 10 << 20
+    small(), small()
+    rss[0] = 26 << 20
+    assert not small()
+    rss[0] = (26 << 20) + 1
+    assert small()
+    # Where resident memory cannot be read, every step trims.
+    monkeypatch.setattr(heap, "statm_resident_bytes", lambda: None)
+    blind = heap.TrimOnGrowth()
+    assert all(blind() for _ in range(3))
+    with pytest.raises(ValueError, match="slack_fraction"):
+        heap.TrimOnGrowth(slack_fraction=float("nan"))
 
 
 @pytest.mark.parametrize("setting", ["auto", "on", "off"])
-def test_build_model_and_plan_follow_recompute_mlp(tok, setting):
+def test_build_model_and_plan_follow_recompute_mlp(tok, setting, monkeypatch):
     from qpeft.train import fastpath
+    from qpeft.train import trainer as trainer_module
     from qpeft.train.plan import plan_memory
     from qpeft.train.trainer import build_model
 
+    monkeypatch.setattr(trainer_module, "TRIM_EVERY", 1)  # the tiny model has two layers
     cfg = TrainConfig(compute_dtype="float32", recompute_mlp=setting, lora_r=4)
     model, _ = build_model(cfg, torch.float32, model=_tiny(tok), tokenizer=tok)
     recomputed = [getattr(layer.mlp.forward, "__func__", None) is fastpath._recomputed_mlp_forward
                   for layer in model.get_base_model().model.layers]
     assert recomputed == [setting == "on"] * 2
+    # In-step heap trims come with recomputation (float32 "auto" keeps blocks and skips them).
+    trims = ["_qpeft_trim" in layer.__dict__ for layer in model.get_base_model().model.layers]
+    assert any(trims) == (setting == "on")
     plan = plan_memory(TrainConfig(compute_dtype="float32", recompute_mlp=setting), baseline=0.0)
     notes = " ".join(plan.notes)
     if setting == "on":

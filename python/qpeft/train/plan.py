@@ -215,7 +215,7 @@ def plan_memory(cfg: TrainConfig, tokens_per_example: Optional[float] = None,
     # 1.70-1.75 GB against 1.55 with the trims, bf16, 4 x 256 tokens.
     overhead = _KERNEL_CACHES
     if fast and not cfg.gradient_checkpointing:
-        slack_layers = TRIM_EVERY if cfg.trims_heap_in_step() else 3 * TRIM_EVERY
+        slack_layers = TRIM_EVERY if cfg.trims_heap_in_step(dtype) else 3 * TRIM_EVERY
         overhead += tokens * slack_layers * (2 * inter + 4 * h) * 4
     plan.items["allocator slack and kernel caches"] = overhead
     mapped = weights_file.stat().st_size if weights_file is not None else 0.0

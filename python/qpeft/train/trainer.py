@@ -33,7 +33,7 @@ from .._files import crash_point, staged_dir, write_file
 from ..functional import _cpu_runs_natively
 from .config import FOUR_BIT_METHODS, PROMPT_METHODS, TrainConfig
 from .fastpath import TRIM_EVERY, enable_fast_path
-from .heap import keep_freed_memory, release_free_memory
+from .heap import TrimOnGrowth, keep_freed_memory, release_free_memory, statm_resident_bytes
 from .evaluate import exact_match_accuracy, mean_loss, token_loss_sum
 from .inference import write_adapter_info
 from .plot import write_curve_png
@@ -56,11 +56,8 @@ def peak_rss_bytes() -> int:
 
 def resident_bytes() -> int:
     """Resident memory of this process now (Linux; elsewhere the peak so far)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return peak_rss_bytes()
+    rss = statm_resident_bytes()
+    return peak_rss_bytes() if rss is None else rss
 
 
 #: Batches are padded to a multiple of this many tokens. PyTorch's CPU matmul
@@ -69,14 +66,6 @@ def resident_bytes() -> int:
 #: length on SmolLM2); with every length its own shape the default run's memory
 #: grew by ~1 GB over 200 steps, with multiples of 8 it settles after a few.
 PAD_MULTIPLE = 8
-
-
-def _release_free_memory() -> None:
-    """Hand freed heap pages back to the OS after a step. Every batch has its own
-    padded length, so tensors of ever new sizes fragment the heap, and the
-    process's memory would creep up step after step (measured: 2.1 -> 2.9 GB
-    over the default run's 200 steps without this)."""
-    release_free_memory()
 
 
 def _init_distributed() -> tuple[int, int]:
@@ -136,10 +125,12 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype, model: Any = None, tokeniz
         # thousand per step) cost 7% of its time in bf16 (2.97 against 2.78 s)
         # and 9% in float32 (5.07 against 4.63 s; in-process A/B runs of
         # alternating steps), for 150-250 MB more peak in bf16. The float32
-        # default ("auto") keeps the trims and its memory.
+        # default ("auto") keeps the blocks, so it skips the in-step trims too:
+        # with the trims between steps only on growth (TrimOnGrowth), a float32
+        # step with AVX2 kernels went from 4.9-5.0 to 4.3 s, 2.35 to 2.6 GB peak.
         lean = cfg.recomputes_mlp(dtype)
         keep_freed_memory()
-        enable_fast_path(model, recompute_mlp=lean, trim_every=TRIM_EVERY if cfg.trims_heap_in_step() else 0,
+        enable_fast_path(model, recompute_mlp=lean, trim_every=TRIM_EVERY if cfg.trims_heap_in_step(dtype) else 0,
                          trim_in_backward=lean)
     if cfg.gradient_checkpointing:
         base = model.get_base_model()
@@ -232,6 +223,7 @@ class SFTTrainer:
             import_model_code(config.model)
             release_free_memory()
         self._baseline_rss = resident_bytes()
+        self._trim_heap = TrimOnGrowth()
         self._model_given = model is not None
         self.model, self.tokenizer = self._build_model(model, tokenizer)
         self.pad_id = D.pad_token_id(self.tokenizer)
@@ -379,7 +371,9 @@ class SFTTrainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            _release_free_memory()
+            # Freed heap goes back to the OS when the process has grown (batches of
+            # new lengths fragment it), not after every step (page faults).
+            self._trim_heap()
             dt = time.perf_counter() - t0
             seen = int(self._sum(sum(int(b["attention_mask"].sum()) if b["attention_mask"].dim() == 2
                                      else b["input_ids"].numel() for b in micro)))
