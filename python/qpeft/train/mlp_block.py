@@ -101,7 +101,8 @@ class RecomputedMLP(torch.autograd.Function):
         parts = []
         for (wq, qs, _, _, s), (A, B) in zip((gate, up), (adapters[0:2], adapters[2:4])):
             parts.append(_lora_out_4bit(n, wq, qs, A, B, s))
-        h = F.silu(parts[0]).mul_(parts[1])
+        # In place: the gate output is not kept, and a fresh multi-megabyte tensor costs page faults.
+        h = F.silu(parts[0], inplace=True).mul_(parts[1])
         del parts
         wq, qs, _, _, s = down
         out = _lora_out_4bit(h, wq, qs, adapters[4], adapters[5], s)
