@@ -157,12 +157,12 @@ def worker(name: str, args) -> dict:
     if name in ("qpeft", "qpeft-ckpt"):
         import qpeft.optim
         from qpeft.train import TrainConfig, token_loss_sum
-        from qpeft.train.heap import TrimOnGrowth
-        from qpeft.train.trainer import build_model, resolve_compute_dtype
+        from qpeft.train.trainer import build_model, heap_trim_after_step, resolve_compute_dtype
 
         cfg = TrainConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                           compute_dtype=args.compute_dtype, gradient_checkpointing=name == "qpeft-ckpt")
-        model, _ = build_model(cfg, resolve_compute_dtype(cfg.compute_dtype))
+        dtype = resolve_compute_dtype(cfg.compute_dtype)
+        model, _ = build_model(cfg, dtype)
         init_lora(model, 0)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = qpeft.optim.AdamW(params, lr=LR, weight_decay=0.0)
@@ -171,7 +171,7 @@ def worker(name: str, args) -> dict:
             loss_sum, n = token_loss_sum(model, {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x})
             return loss_sum / n
 
-        after_step = TrimOnGrowth()  # as the trainer does after each step
+        after_step = heap_trim_after_step(cfg, dtype)  # as the trainer does after each step
     else:
         model = hf_model(checkpointing=name == "hf-ckpt", compute_dtype=args.compute_dtype)
         model.train()

@@ -69,6 +69,17 @@ def test_recompute_mlp_setting_resolves_per_dtype():
     assert TrainConfig(gradient_checkpointing=True).trims_heap_in_step(torch.float32)
 
 
+def test_trainer_trims_after_every_step_only_where_it_trims_inside_steps():
+    from qpeft.train.heap import TrimOnGrowth, release_free_memory
+    from qpeft.train.trainer import heap_trim_after_step
+
+    assert heap_trim_after_step(TrainConfig(), torch.bfloat16) is release_free_memory
+    assert heap_trim_after_step(TrainConfig(gradient_checkpointing=True), torch.float32) is release_free_memory
+    assert isinstance(heap_trim_after_step(TrainConfig(), torch.float32), TrimOnGrowth)
+    assert isinstance(heap_trim_after_step(TrainConfig(recompute_mlp="off"), torch.bfloat16), TrimOnGrowth)
+    assert isinstance(heap_trim_after_step(TrainConfig(fast_path=False), torch.bfloat16), TrimOnGrowth)
+
+
 def test_heap_is_trimmed_after_a_step_only_when_the_process_grew(monkeypatch):
     from qpeft.train import heap
 
