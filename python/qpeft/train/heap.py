@@ -13,6 +13,7 @@ glibc) these calls do nothing.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 __all__ = ["MMAP_THRESHOLD", "TrimOnGrowth", "keep_freed_memory", "release_free_memory", "statm_resident_bytes"]
@@ -46,9 +47,10 @@ def release_free_memory() -> None:
     """Hand freed heap pages back to the OS (glibc ``malloc_trim``); a no-op elsewhere.
 
     Costs roughly 10 ms per call on a 1 GB heap (and the page faults of
-    touching the returned pages again); the trainer calls it after a step
-    when the process has grown (:class:`TrimOnGrowth`) and, on the
-    memory-lean fast path, every few decoder layers.
+    touching the returned pages again). On the memory-lean fast path the
+    trainer calls it every few decoder layers and after every step; where a
+    step keeps its memory for speed, only after a step that grew the process
+    (:class:`TrimOnGrowth`; see ``trainer.heap_trim_after_step``).
     """
     malloc_trim = _glibc("malloc_trim")
     if malloc_trim is not None:
@@ -58,8 +60,6 @@ def release_free_memory() -> None:
 def statm_resident_bytes() -> Optional[int]:
     """Resident memory of this process now, from ``/proc/self/statm`` (None where it cannot be read)."""
     try:
-        import os
-
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
