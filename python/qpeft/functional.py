@@ -37,6 +37,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from . import _cuda, _native
+from ._scratch import scratch
 
 __all__ = [
     "BLOCK_SIZES",
@@ -1119,9 +1120,6 @@ def linear_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantState) 
 #: Dtypes in which :func:`lora_matmul` sums base and adapter terms inside one matmul.
 ROUND_ONCE_DTYPES = (torch.bfloat16, torch.float16)
 
-_augmented = threading.local()
-
-
 def lora_matmul(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                 scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x W^T + s (x A^T) B^T, x A^T)`` for a 2-D ``x`` and a dense ``W``, both in ``x``'s dtype.
@@ -1149,22 +1147,25 @@ def lora_matmul(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tens
 
 def _augmented_buffer(rows: int, cols: int, dtype: torch.dtype, device: torch.device, slot: int) -> torch.Tensor:
     """A ``[rows, cols]`` view of this thread's augmented-weight buffer number ``slot`` (reused from call to call)."""
-    bufs = getattr(_augmented, "bufs", None)
-    if bufs is None:
-        bufs = _augmented.bufs = {}
-    numel = rows * cols
-    buf = bufs.get(slot)
-    if buf is None or buf.dtype != dtype or buf.device != device or buf.numel() < numel:
-        bufs[slot] = None  # let the old one go before the new one exists
-        buf = bufs[slot] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel].view(rows, cols)
+    return scratch(("augmented-weight", slot), (rows, cols), dtype, device)
 
 
 def _augmented_matmul(x: torch.Tensor, h: torch.Tensor, Wa: torch.Tensor, B: torch.Tensor,
-                      scaling: float) -> torch.Tensor:
-    """``[x | h] @ [W | s B]^T`` for ``Wa`` holding ``W`` in its first columns: the adapter's columns are filled here."""
-    Wa[:, x.shape[1]:].copy_(B * scaling if scaling != 1.0 else B)
-    return torch.cat([x, h], dim=1) @ Wa.t()
+                      scaling: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[x | h] @ [W | s B]^T`` for ``Wa`` holding ``W`` in its first columns: the adapter's columns are filled here.
+
+    ``[x | h]`` goes through a scratch buffer rather than a fresh ``torch.cat``
+    (whose pages the trainer's heap trims make the kernel fault in and zero
+    on every call); the result goes to ``out`` when given.
+    """
+    k = x.shape[1]
+    Wa[:, k:].copy_(B * scaling if scaling != 1.0 else B)
+    xa = scratch("augmented-input", (x.shape[0], k + h.shape[1]), x.dtype, x.device)
+    xa[:, :k].copy_(x)
+    xa[:, k:].copy_(h)
+    if out is None:
+        return xa @ Wa.t()
+    return torch.matmul(xa, Wa.t(), out=out)
 
 
 def _dequantizes_into_rows(x: torch.Tensor, weight: torch.Tensor, qs: Any) -> bool:
@@ -1183,7 +1184,8 @@ def _dequantizes_into_rows(x: torch.Tensor, weight: torch.Tensor, qs: Any) -> bo
 
 
 def lora_matmul_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantState, A: torch.Tensor,
-                     B: torch.Tensor, scaling: float, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     B: torch.Tensor, scaling: float, slot: int = 0,
+                     out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`lora_matmul` for a 4-bit weight (no autograd): ``(y, x A^T, W)``, ``W`` the dense weight in ``x``'s dtype.
 
     On the CPU in 16-bit dtypes (with ``in_features`` a multiple of the block
@@ -1193,41 +1195,52 @@ def lora_matmul_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantSt
     there; ``W`` is then a view of that buffer, valid until the next call
     with the same ``slot`` (callers that need two weights at once, such as a
     feed-forward block's backward, use two slots). Elsewhere ``W`` is a fresh
-    tensor and the result is :func:`lora_matmul`'s.
+    tensor and the result is :func:`lora_matmul`'s. ``y`` is written to
+    ``out`` (contiguous, ``[tokens, out_features]``, ``x``'s dtype) when given.
     """
     if _dequantizes_into_rows(x, weight, quant_state):
-        return _lora_matmul_rows(x, weight, quant_state, A, B, scaling, slot)
+        return _lora_matmul_rows(x, weight, quant_state, A, B, scaling, slot, out)
     W = dequantize_4bit(weight, quant_state).to(x.dtype)
     y, h = lora_matmul(x, W, A, B, scaling)
-    return y, h, W
+    return _into(out, y), h, W
+
+
+def _into(out: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """``y``, copied into ``out`` when one is given."""
+    return y if out is None else out.copy_(y)
 
 
 def _lora_matmul_rows(x: torch.Tensor, weight: torch.Tensor, qs: Any, A: torch.Tensor, B: torch.Tensor,
-                      scaling: float, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      scaling: float, slot: int,
+                      out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`lora_matmul_4bit` where :func:`_dequantizes_into_rows` holds."""
     n, k, packed = _weight_packed(weight, qs, x.device)
     h = x @ A.to(x.dtype).t()
     Wa = _augmented_buffer(n, k + h.shape[1], x.dtype, x.device, slot)
     _dequantize_4bit_into(packed, qs, Wa, cols=k)
-    return _augmented_matmul(x, h, Wa, B, scaling), h, Wa[:, :k]
+    return _augmented_matmul(x, h, Wa, B, scaling, out), h, Wa[:, :k]
 
 
 def linear_4bit_lora(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantState, A: torch.Tensor,
-                     B: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     B: torch.Tensor, scaling: float,
+                     out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x W^T + s (x A^T) B^T, x A^T)`` for a 2-D ``x`` and a 4-bit ``W`` (no autograd), in ``x``'s dtype.
 
     Few tokens: the fused :func:`gemv_4bit` kernel, then the adapter term
     accumulated into its fresh output. More tokens on the CPU: the dense
     weight in this thread's scratch buffer and :func:`lora_matmul` (one
     rounding). Elsewhere: a fresh dense weight and :func:`lora_matmul`.
+    The output is written to ``out`` (contiguous, ``[tokens,
+    out_features]``, ``x``'s dtype) when given.
     """
     if x.shape[0] <= _gemv_max_tokens(x):
         h = x @ A.to(x.dtype).t()
-        return linear_4bit(x, weight, quant_state).addmm_(h, B.to(x.dtype).t(), alpha=scaling), h
+        return _into(out, linear_4bit(x, weight, quant_state).addmm_(h, B.to(x.dtype).t(), alpha=scaling)), h
     if _dequantizes_into_rows(x, weight, quant_state):
-        y, h, _ = _lora_matmul_rows(x, weight, quant_state, A, B, scaling, 0)
+        y, h, _ = _lora_matmul_rows(x, weight, quant_state, A, B, scaling, 0, out)
         return y, h
-    return lora_matmul(x, _dense_scratch(weight, quant_state, x.dtype, False), A, B, scaling)
+    y, h = lora_matmul(x, _dense_scratch(weight, quant_state, x.dtype, False), A, B, scaling)
+    return _into(out, y), h
 
 
 def lora_up_add_(y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
@@ -1269,9 +1282,14 @@ def lora_up_add_(y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, scaling: fl
     return y.copy_(y.to(term.dtype) + term)
 
 
-def grad_input_4bit(grad_out: torch.Tensor, weight: torch.Tensor, quant_state: QuantState) -> torch.Tensor:
-    """``grad_out @ W`` for a 4-bit ``W``: the input gradient of :func:`linear_4bit`."""
-    return grad_out @ _dense_scratch(weight, quant_state, grad_out.dtype, grad_out.requires_grad)
+def grad_input_4bit(grad_out: torch.Tensor, weight: torch.Tensor, quant_state: QuantState,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``grad_out @ W`` for a 4-bit ``W``: the input gradient of :func:`linear_4bit`
+    (written to ``out``, contiguous and of the result's shape and dtype, when given)."""
+    W = _dense_scratch(weight, quant_state, grad_out.dtype, grad_out.requires_grad)
+    if out is None:
+        return grad_out @ W
+    return torch.matmul(grad_out, W, out=out)
 
 
 def _elementwise_native(*ts: torch.Tensor) -> bool:
@@ -1302,23 +1320,32 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor,
+                    out: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(d gate, d up) of ``silu(gate) * up`` for the output gradient ``grad``.
 
     Computed in float32 and rounded once to the inputs' dtype:
     ``s = sigmoid(gate)``, ``d_up = grad * gate * s``,
     ``d_gate = grad * up * s * (1 + gate * (1 - s))``. One pass over memory on
     the CPU (as :func:`swiglu`); the same arithmetic in torch operations elsewhere.
+    ``out``: two contiguous tensors of the inputs' shape and dtype to write
+    the results to (not overlapping the inputs).
     """
+    if out is not None and any(
+        not o.is_contiguous() or o.shape != gate.shape or o.dtype != gate.dtype or o.device != gate.device for o in out
+    ):
+        raise ValueError("swiglu_backward: out must be two contiguous tensors of the gate's shape, dtype and device")
     if not _elementwise_native(gate, up, grad):
         g = gate.float()
         s = torch.sigmoid(g)
         dy = grad.float()
         d_up = (dy * (g * s)).to(up.dtype)
         d_gate = (dy * up.float() * (s * (1 + g * (1 - s)))).to(gate.dtype)
+        if out is not None:
+            return out[0].copy_(d_gate), out[1].copy_(d_up)
         return d_gate, d_up
     g, u, dy = (t.detach().contiguous() for t in (gate, up, grad))
-    d_gate, d_up = torch.empty_like(g), torch.empty_like(u)
+    d_gate, d_up = out if out is not None else (torch.empty_like(g), torch.empty_like(u))
     name = _FLOAT_DTYPES[g.dtype]
     _native.swiglu_backward(_np_flat(g), _np_flat(u), _np_flat(dy), _np_flat(d_gate), _np_flat(d_up), name, _threads())
     return d_gate, d_up
@@ -1355,7 +1382,7 @@ def rmsnorm_backward(x: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor,
 
 
 def cross_entropy_grad(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, out: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-entropy of each row of ``logits [rows, vocab]`` with its gradient.
 
@@ -1368,7 +1395,8 @@ def cross_entropy_grad(
     backward. On the CPU one Rust pass per row (it stays in cache) replaces
     the half-dozen passes over ``[rows, vocab]`` of the torch expression,
     which runs elsewhere. Targets outside ``0..vocab`` other than
-    ``ignore_index`` raise ``ValueError``.
+    ``ignore_index`` raise ``ValueError``. The gradient is written to ``out``
+    (contiguous, the logits' shape and dtype, not overlapping them) when given.
     """
     if logits.dim() != 2 or targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
         raise ValueError(
@@ -1379,6 +1407,10 @@ def cross_entropy_grad(
     rows, vocab = logits.shape
     if vocab == 0:
         raise ValueError("logits have an empty vocabulary (0 columns)")
+    if out is not None and (out.shape != logits.shape or out.dtype != logits.dtype or out.device != logits.device
+                            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {logits.dtype} tensor of shape {list(logits.shape)} "
+                         f"on {logits.device}; got {out.dtype} {list(out.shape)} on {out.device}")
     valid = targets != ignore_index
     bad = valid & ((targets < 0) | (targets >= vocab))
     if bool(bad.any()):
@@ -1394,10 +1426,11 @@ def cross_entropy_grad(
         weight = valid.to(x.dtype)
         loss = (lse - x.gather(1, t).squeeze(1)) * weight
         grad = x.sub_(lse.unsqueeze(1)).exp_().scatter_add_(1, t, -weight.unsqueeze(1)).mul_(weight.unsqueeze(1))
-        return loss, lse, grad.to(logits.dtype)
+        grad = grad.to(logits.dtype)
+        return loss, lse, (grad if out is None else out.copy_(grad))
     x = logits.detach().contiguous()
     t = targets.detach().to(torch.int64).contiguous()
-    grad = torch.empty_like(x)
+    grad = torch.empty_like(x) if out is None else out
     lse = torch.empty(rows, dtype=torch.float32)
     loss = torch.empty(rows, dtype=torch.float32)
     _native.cross_entropy_grad(_np_flat(x), vocab, t.numpy(), int(ignore_index), _np_flat(grad), lse.numpy(),

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from .. import functional
+from .._scratch import scratch
 from ..data import IGNORE_INDEX
 from .heap import MMAP_THRESHOLD
 
@@ -76,13 +77,19 @@ class ChunkedLMLoss(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if eager else None
         for i in range(0, n, rows):
             t = targets[i:i + rows]
-            logits = hidden[i:i + rows] @ w.t()
+            h = hidden[i:i + rows]
             if eager:
+                # A chunk's logits and their gradient die with the chunk: scratch
+                # buffers, whose pages stay resident from chunk to chunk and step to step.
+                shape = (h.shape[0], w.shape[0])
+                logits = torch.matmul(h, w.t(), out=scratch("loss-logits", shape, h.dtype, h.device))
                 # Loss, log-sum-exp and softmax - onehot in one pass per row.
-                loss, lse[i:i + rows], p = functional.cross_entropy_grad(logits, t, IGNORE_INDEX)
+                loss, lse[i:i + rows], p = functional.cross_entropy_grad(
+                    logits, t, IGNORE_INDEX, out=scratch("loss-dlogits", shape, h.dtype, h.device))
                 total += loss.sum()
-                grad_h[i:i + rows] = p @ w
+                torch.matmul(p, w, out=grad_h[i:i + rows])
                 continue
+            logits = h @ w.t()
             logits = logits.float()
             lse[i:i + rows] = torch.logsumexp(logits, dim=-1)
             valid = t != IGNORE_INDEX

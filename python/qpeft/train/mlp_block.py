@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional
+from .._scratch import scratch
 from ..tuners.lora_autograd import addmm_into
 
 __all__ = ["RecomputedMLP", "fused_mlp_parts", "rmsnorm_values"]
@@ -57,32 +58,61 @@ def fused_mlp_parts(norm: Any, mlp: Any) -> Optional[tuple]:
     return (norm.weight, float(norm.variance_epsilon), compute, *parts)
 
 
-def rmsnorm_values(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rmsnorm_values(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                   out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight * (x * s).to(x.dtype), s)`` with ``s = rsqrt(mean(x^2) + eps)`` in float32:
-    transformers' RMSNorm, bit for bit, with one temporary instead of three
-    (each fresh multi-megabyte tensor costs page faults as well as a pass)."""
-    x32 = x.float()
-    buf = x32.pow(2)
+    transformers' RMSNorm, bit for bit, with its float32 temporaries in
+    scratch buffers for 16-bit ``x`` (each fresh multi-megabyte tensor costs
+    page faults as well as a pass). The first value goes to ``out``
+    (``x``'s shape and dtype) when given and the weight's dtype is ``x``'s."""
+    if x.dtype == torch.float32:
+        x32, buf = x, torch.empty_like(x)  # x32 is x itself; the result must not be a scratch buffer
+    else:
+        x32 = scratch("rmsnorm-x32", x.shape, torch.float32, x.device).copy_(x)
+        buf = scratch("rmsnorm-square", x.shape, torch.float32, x.device)
+    torch.pow(x32, 2, out=buf)
     scale = torch.rsqrt(buf.mean(-1, keepdim=True) + eps)
-    xs = torch.mul(x32, scale, out=buf).to(x.dtype)
+    return _apply_scale(x32, scale, weight, x.dtype, buf, out), scale
+
+
+def _apply_scale(x32: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
+                 buf: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """``weight * (x32 * scale).to(dtype)``, using ``buf`` (float32, ``x32``'s shape) for the product."""
+    torch.mul(x32, scale, out=buf)
+    in_place = weight.dtype == dtype and weight.shape == x32.shape[-1:]
+    if out is not None and in_place:
+        xs = out.copy_(buf)
+    else:
+        xs = buf.to(dtype) if dtype != torch.float32 else buf
     # weight * xs, computed in place where the result has xs's dtype (products commute exactly).
-    if weight.dtype == xs.dtype and weight.shape == xs.shape[-1:]:
-        return xs.mul_(weight), scale
-    return weight * xs, scale
+    if in_place:
+        return xs.mul_(weight)
+    return weight * xs
 
 
 def _lora_out(x: torch.Tensor, wq: torch.Tensor, qs: Any, A: torch.Tensor, B: torch.Tensor, s: float,
-              slot: int) -> tuple:
+              slot: int, key: str) -> tuple:
     # Backward's recomputation: the forward's values (functional.linear_4bit_lora)
     # and the dense weight the input gradient needs anyway (valid until the
     # slot's next use); returns (output, x A^T, W), the first two shaped as x.
-    y, a, W = functional.lora_matmul_4bit(x.reshape(-1, x.shape[-1]), wq, qs, A, B, s, slot)
+    # The output is a scratch buffer (``key``): it dies with the backward.
+    flat = x.reshape(-1, x.shape[-1])
+    out = scratch(key, (flat.shape[0], int(qs.shape[0])), x.dtype, x.device)
+    y, a, W = functional.lora_matmul_4bit(flat, wq, qs, A, B, s, slot, out=out)
     return y.view(*x.shape[:-1], y.shape[-1]), a.view(*x.shape[:-1], a.shape[-1]), W
 
 
-def _lora_out_4bit(x: torch.Tensor, wq: torch.Tensor, qs: Any, A: torch.Tensor, B: torch.Tensor, s: float):
-    y, _ = functional.linear_4bit_lora(x.reshape(-1, x.shape[-1]), wq, qs, A, B, s)
+def _lora_out_4bit(x: torch.Tensor, wq: torch.Tensor, qs: Any, A: torch.Tensor, B: torch.Tensor, s: float,
+                   key: Optional[str] = None):
+    # With ``key``, the output is that scratch buffer (a temporary of the caller).
+    flat = x.reshape(-1, x.shape[-1])
+    out = None if key is None else scratch(key, (flat.shape[0], int(qs.shape[0])), x.dtype, x.device)
+    y, _ = functional.linear_4bit_lora(flat, wq, qs, A, B, s, out=out)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _scratch_for(key: str, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    return scratch(key, tuple(like.shape), dtype or like.dtype, like.device)
 
 
 class RecomputedMLP(torch.autograd.Function):
@@ -96,11 +126,12 @@ class RecomputedMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, norm_w, eps, compute, gate, up, down, *adapters):
         dtype = compute or x.dtype
-        n, scale = rmsnorm_values(x, norm_w, eps)
+        # n, the gate and up outputs and their product die here: scratch buffers.
+        n, scale = rmsnorm_values(x, norm_w, eps, out=_scratch_for("mlp-norm", x) if dtype == x.dtype else None)
         n = n.to(dtype)
         parts = []
-        for (wq, qs, _, _, s), (A, B) in zip((gate, up), (adapters[0:2], adapters[2:4])):
-            parts.append(_lora_out_4bit(n, wq, qs, A, B, s))
+        for (wq, qs, _, _, s), (A, B), key in zip((gate, up), (adapters[0:2], adapters[2:4]), ("mlp-gate", "mlp-up")):
+            parts.append(_lora_out_4bit(n, wq, qs, A, B, s, key))
         # In place: the gate output is not kept, and a fresh multi-megabyte tensor costs page faults.
         h = F.silu(parts[0], inplace=True).mul_(parts[1])
         del parts
@@ -117,11 +148,15 @@ class RecomputedMLP(torch.autograd.Function):
         x, scale, norm_w, wg, wu, wd, Ag, Bg, Au, Bu, Ad, Bd = ctx.saved_tensors
         dtype = ctx.dtype
         (qg, qu, qd), (sg, su, sd) = ctx.states, ctx.scalings
-        n = (norm_w * (x.float() * scale).to(x.dtype)).to(dtype)
+        # The forward's n, gate and up outputs again, in scratch buffers (they die here).
+        x32 = _scratch_for("rmsnorm-x32", x, torch.float32).copy_(x)
+        same = dtype == x.dtype
+        n = _apply_scale(x32, scale, norm_w, x.dtype, x32, _scratch_for("mlp-norm", x) if same else None).to(dtype)
         # Two slots: both dense weights serve the input gradient below.
-        g, ag, Wg = _lora_out(n, wg, qg, Ag, Bg, sg, 0)
-        u, au, Wu = _lora_out(n, wu, qu, Au, Bu, su, 1)
-        h = F.silu(g).mul_(u)  # exactly the forward's down-projection input
+        g, ag, Wg = _lora_out(n, wg, qg, Ag, Bg, sg, 0, "mlp-gate")
+        u, au, Wu = _lora_out(n, wu, qu, Au, Bu, su, 1, "mlp-up")
+        # Exactly the forward's down-projection input.
+        h = torch.ops.aten.silu.out(g, out=_scratch_for("mlp-product", g)).mul_(u)
         dy = d_out.to(dtype)
         flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731
         # Down projection: LoRA gradients, then the input gradient.
@@ -130,16 +165,17 @@ class RecomputedMLP(torch.autograd.Function):
         grads[5] = (sd * (flat(dy).t() @ flat(ad))).to(Bd.dtype)
         td = sd * (dy @ Bd.to(dtype))
         grads[4] = (flat(td).t() @ flat(h)).to(Ad.dtype)
-        dh = addmm_into(functional.grad_input_4bit(dy, wd, qd), td, Ad.to(dtype))
+        # The gradients below die here too: scratch buffers.
+        dh = addmm_into(functional.grad_input_4bit(dy, wd, qd, out=_scratch_for("mlp-dh", h)), td, Ad.to(dtype))
         del h, ad, td
-        dg, du = functional.swiglu_backward(g, u, dh)
+        dg, du = functional.swiglu_backward(g, u, dh, out=(_scratch_for("mlp-dgate", g), _scratch_for("mlp-dup", u)))
         del dh, g, u
         dn = None
         for dyk, ak, W, A, B, s, i in ((dg, ag, Wg, Ag, Bg, sg, 0), (du, au, Wu, Au, Bu, su, 2)):
             grads[i + 1] = (s * (flat(dyk).t() @ flat(ak))).to(B.dtype)
             t = s * (dyk @ B.to(dtype))
             grads[i] = (flat(t).t() @ flat(n)).to(A.dtype)
-            dn = dyk @ W if dn is None else addmm_into(dn, dyk, W)
+            dn = torch.matmul(dyk, W, out=_scratch_for("mlp-dn", x, dtype)) if dn is None else addmm_into(dn, dyk, W)
             addmm_into(dn, t, A.to(dtype))
         # The norm's weight is frozen here (fused_mlp_parts checks).
         dx = functional.rmsnorm_backward(x, scale, norm_w, dn)
