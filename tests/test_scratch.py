@@ -135,3 +135,23 @@ def test_fast_path_step_is_the_same_with_fresh_tensors_for_scratch(tiny_llama_di
         assert grads.keys() == grads2.keys()
         for k in grads:
             assert torch.equal(grads[k], grads2[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_chunked_loss_keeps_scratch_logits_only_in_16_bit(dtype):
+    from qpeft.train.chunked_loss import chunked_lm_loss_sum
+
+    bufs = getattr(_scratch._local, "bufs", {})
+    bufs.pop("loss-logits", None)
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 9, 16, generator=g).to(dtype).requires_grad_()
+    weight = torch.randn(40, 16, generator=g).to(dtype)
+    labels = torch.randint(0, 40, (2, 9), generator=g)
+    loss, n = chunked_lm_loss_sum(hidden, weight, labels)
+    loss.backward()
+    kept = getattr(_scratch._local, "bufs", {}).get("loss-logits")
+    # float32 chunks are large (64 MB each by default) and come from recycled heap: not held all step.
+    assert (kept is not None) == (dtype != torch.float32)
+    want = torch.nn.functional.cross_entropy(
+        (hidden[:, :-1].reshape(-1, 16) @ weight.t()).float(), labels[:, 1:].reshape(-1), reduction="sum")
+    torch.testing.assert_close(loss, want, rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=0)

@@ -79,13 +79,17 @@ class ChunkedLMLoss(torch.autograd.Function):
             t = targets[i:i + rows]
             h = hidden[i:i + rows]
             if eager:
-                # A chunk's logits and their gradient die with the chunk: scratch
-                # buffers, whose pages stay resident from chunk to chunk and step to step.
+                # A chunk's logits and their gradient die with the chunk. In 16-bit
+                # dtypes they go to scratch buffers, whose pages stay resident from
+                # chunk to chunk and step to step, where the trainer's in-step heap
+                # trims would have a fresh chunk faulted in each time; float32's
+                # chunks (128 MB together) come from recycled heap, kept between steps.
                 shape = (h.shape[0], w.shape[0])
-                logits = torch.matmul(h, w.t(), out=scratch("loss-logits", shape, h.dtype, h.device))
+                buf = (lambda key: scratch(key, shape, h.dtype, h.device)) if h.dtype != torch.float32 else None
+                logits = torch.matmul(h, w.t(), out=buf("loss-logits")) if buf else h @ w.t()
                 # Loss, log-sum-exp and softmax - onehot in one pass per row.
                 loss, lse[i:i + rows], p = functional.cross_entropy_grad(
-                    logits, t, IGNORE_INDEX, out=scratch("loss-dlogits", shape, h.dtype, h.device))
+                    logits, t, IGNORE_INDEX, out=buf("loss-dlogits") if buf else None)
                 total += loss.sum()
                 torch.matmul(p, w, out=grad_h[i:i + rows])
                 continue
