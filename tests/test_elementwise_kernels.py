@@ -532,3 +532,51 @@ def test_property_lora_up_add_any_shape_isa_and_thread_count(tokens, n, r, sprea
     lora_up_close(got[rows], y[rows], h[rows], bt, scaling, dtype)
     huge = exact.abs() > 2 * top
     assert (got[huge].double() == exact[huge].sign() * float("inf")).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 3), (3, 33, 16), (2, 256, 64)])
+def test_causal_softmax_matches_a_float64_softmax(dtype, shape):
+    b, t, d = shape
+    g = torch.Generator().manual_seed(t + 100)
+    q, k, v, d_out = (torch.randn(b, t, d, generator=g).to(dtype) for _ in range(4))
+    scale = d**-0.5
+    scores, _, want_lse, _, want_p, _ = attention_softmax_reference(q, k, v, d_out, scale)
+    p, lse = QF.causal_softmax(scores.to(dtype), scale)
+    assert p.dtype == dtype and p.shape == (b, t, t) and lse.dtype == torch.float32 and lse.shape == (b, t)
+    above = torch.ones(t, t, dtype=torch.bool).triu_(1).expand(b, t, t)
+    assert (p[above] == 0).all()
+    step = STEP[dtype] * (1 + (scores * scale).abs())
+    assert ((p.double() - want_p).abs() <= step * want_p + 1e-7).all()
+    # The scores rounded to the dtype move the log-sum-exp by at most the largest of their changes.
+    assert ((lse.double() - want_lse).abs() <= STEP[dtype] * (1 + (scores * scale).abs().amax(-1)) + 1e-5).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_softmax_gives_the_probabilities_its_backward_recomputes(dtype):
+    g = torch.Generator().manual_seed(8)
+    scores = (torch.randn(2, 3, 45, 45, generator=g) * 5).to(dtype)
+    p, lse = QF.causal_softmax(scores, 0.25)
+    zeros = torch.zeros(2, 3, 45, 4, dtype=dtype)
+    again, _ = QF.causal_softmax_grad(scores, torch.zeros_like(scores), lse, zeros, zeros, 0.25)
+    assert torch.equal(p, again)
+
+
+def test_causal_softmax_native_equals_the_torch_fallback_and_works_in_place():
+    g = torch.Generator().manual_seed(9)
+    scores = torch.randn(2, 3, 40, 40, generator=g) * 6
+    p, lse = QF.causal_softmax(scores, 0.3)
+    ref_p, ref_lse = QF.causal_softmax(scores.double(), 0.3)  # float64: the torch expression
+    torch.testing.assert_close(p.double(), ref_p, rtol=1e-5, atol=1e-7)
+    assert ref_lse.dtype == torch.float32
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-6)
+    s2 = scores.bfloat16()
+    want = QF.causal_softmax(s2, 0.3)
+    got = QF.causal_softmax(s2, 0.3, inplace=True)
+    assert got[0] is s2 and torch.equal(s2, want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="contiguous"):
+        QF.causal_softmax(scores.transpose(-1, -2), 0.3, inplace=True)
+    with pytest.raises(ValueError, match=r"scores must be \[..., T, T\]"):
+        QF.causal_softmax(torch.zeros(2, 4, 3), 1.0)
+    empty, empty_lse = QF.causal_softmax(torch.zeros(0, 5, 5), 1.0)
+    assert empty.shape == (0, 5, 5) and empty_lse.shape == (0, 5)

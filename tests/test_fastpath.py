@@ -335,6 +335,37 @@ def test_causal_attention_gradients_match_sdpa(groups, t, sliced, monkeypatch):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dense_forward", [True, False])
+@pytest.mark.parametrize("groups,t,sliced", [(1, 7, False), (3, 33, False), (3, 33, True), (2, 1, False)])
+def test_bf16_causal_attention_matches_float64_sdpa(groups, t, sliced, dense_forward, monkeypatch):
+    import qpeft.train.attention as attention
+    from qpeft.train.attention import causal_attention
+
+    monkeypatch.setattr(attention, "DENSE_FORWARD", dense_forward)
+    if sliced:
+        monkeypatch.setattr(attention, "SCORES_BYTES", 2 * groups * t * t * 2)
+    calls = []
+    real_flash = attention._flash
+    monkeypatch.setattr(attention, "_flash", lambda *a, **k: calls.append(1) or real_flash(*a, **k))
+    g = torch.Generator().manual_seed(t * 10 + groups)
+    # As transformers passes them: transposed views, the query too.
+    q64 = torch.randn(3, t, 2 * groups, 16, generator=g, dtype=torch.float64).transpose(1, 2)
+    k64 = torch.randn(3, t, 2, 16, generator=g, dtype=torch.float64).transpose(1, 2)
+    v64 = torch.randn(3, t, 2, 16, generator=g, dtype=torch.float64).transpose(1, 2)
+    q64, k64, v64 = (x.bfloat16().double().requires_grad_() for x in (q64, k64, v64))  # the same values in both
+    d_out = torch.randn(3, 2 * groups, t, 16, generator=g, dtype=torch.float64)
+    ref = F.scaled_dot_product_attention(q64, k64.repeat_interleave(groups, 1), v64.repeat_interleave(groups, 1),
+                                         is_causal=True)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), d_out)
+    q, k, v = (x.detach().bfloat16().requires_grad_() for x in (q64, k64, v64))
+    out = causal_attention(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), d_out.bfloat16())
+    assert calls == ([] if dense_forward else [1])
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=5e-2, atol=5e-2)
+
+
 def test_attention_whose_scores_do_not_fit_keeps_sdpa(monkeypatch):
     import qpeft.train.attention as attention
 

@@ -307,6 +307,22 @@ def causal_softmax_grad_cases():
     yield "scores read-only", {**ok, "scores": read_only(f32(rows * keys))}, BAD
     yield "dtype unknown", {**ok, "dtype": "float64"}, TypeError
 
+def causal_softmax_cases():
+    keys, blocks = 6, 2
+    rows = keys * blocks
+    ok = dict(scores=f32(rows * keys), lse=np.zeros(rows, np.float32), keys=keys, scale=0.5, dtype="float32", threads=2)
+    yield "ok", ok, None
+    yield "rows not whole blocks", {**ok, "lse": np.zeros(rows - 1, np.float32)}, ValueError
+    yield "keys 0", {**ok, "keys": 0}, ValueError
+    yield "short scores", {**ok, "scores": f32(rows * keys - 1)}, ValueError
+    yield "lse is scores", {**ok, "lse": ok["scores"][:rows]}, BAD
+    yield "scores strided", {**ok, "scores": f32(2 * rows * keys)[::2]}, ValueError
+    yield "scores read-only", {**ok, "scores": read_only(f32(rows * keys))}, BAD
+    yield "lse read-only", {**ok, "lse": read_only(np.zeros(rows, np.float32))}, BAD
+    yield "lse float64", {**ok, "lse": np.zeros(rows, np.float64)}, TypeError
+    yield "dtype unknown", {**ok, "dtype": "float64"}, TypeError
+
+
 CASES = [
     (fn, name, kwargs, exc)
     for fn, gen in [
@@ -323,6 +339,7 @@ CASES = [
         (_native.rmsnorm_backward, rmsnorm_backward_cases),
         (_native.cross_entropy_grad, cross_entropy_grad_cases),
         (_native.causal_softmax_grad, causal_softmax_grad_cases),
+        (_native.causal_softmax, causal_softmax_cases),
     ]
     for name, kwargs, exc in gen()
 ]

@@ -103,6 +103,15 @@ def rmsnorm_backward(
     threads: int,
     isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
 ) -> None: ...
+def causal_softmax(
+    scores: npt.NDArray[np.float32] | npt.NDArray[np.int16],
+    lse: npt.NDArray[np.float32],
+    keys: int,
+    scale: float,
+    dtype: _Float,
+    threads: int,
+    isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
+) -> None: ...
 def causal_softmax_grad(
     scores: npt.NDArray[np.float32] | npt.NDArray[np.int16],
     dp: npt.NDArray[np.float32] | npt.NDArray[np.int16],

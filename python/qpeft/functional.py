@@ -60,6 +60,7 @@ __all__ = [
     "swiglu",
     "swiglu_backward",
     "rmsnorm_backward",
+    "causal_softmax",
     "causal_softmax_grad",
     "cross_entropy_grad",
     "quantize_blockwise",
@@ -1489,6 +1490,38 @@ def causal_softmax_grad(
         _FLOAT_DTYPES[dtype], _threads(),
     )
     return (scores, dp) if inplace else (p, ds)
+
+
+def causal_softmax(scores: torch.Tensor, scale: float, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax of causal self-attention's forward.
+
+    For query rows laid out as ``scores [..., T, T]`` (``q k^T``, unscaled)
+    returns ``(p, lse)``: ``p = softmax(scores * scale)`` over the keys on and
+    below the diagonal (zero above it), computed in float32 and rounded once
+    to ``scores``' dtype, and the float32 log-sum-exp ``lse [..., T]`` of the
+    scaled scores, which :func:`causal_softmax_grad` takes. With
+    ``inplace=True`` (contiguous ``scores``) ``p`` is written over ``scores``.
+    On the CPU this is one Rust pass per row (the same exponential as
+    :func:`causal_softmax_grad`'s, so backward recomputes exactly these
+    probabilities) instead of half a dozen torch passes over ``[T, T]``.
+    """
+    t = scores.shape[-1]
+    if scores.dim() < 2 or scores.shape[-2] != t:
+        raise ValueError(f"scores must be [..., T, T]; got {list(scores.shape)}")
+    if inplace and not scores.is_contiguous():
+        raise ValueError("inplace=True needs contiguous scores")
+    dtype = scores.dtype
+    if scores.device.type != "cpu" or dtype not in _FLOAT_DTYPES:
+        causal = torch.ones(t, t, dtype=torch.bool, device=scores.device).triu_(1)
+        s = scores.float().mul_(scale).masked_fill_(causal, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        p = s.sub_(lse.unsqueeze(-1)).exp_().masked_fill_(causal, 0.0)
+        return (scores.copy_(p) if inplace else p.to(dtype)), lse
+    p = scores.detach() if inplace else scores.detach().clone(memory_format=torch.contiguous_format)
+    lse = torch.empty(scores.shape[:-1], dtype=torch.float32)
+    if p.numel():
+        _native.causal_softmax(_np_flat(p), lse.numpy().reshape(-1), t, float(scale), _FLOAT_DTYPES[dtype], _threads())
+    return (scores if inplace else p), lse
 
 
 _scratch = threading.local()

@@ -9,6 +9,7 @@
 pub mod adamw;
 pub mod adamw8;
 pub mod attn_grad;
+pub mod attn_softmax;
 pub mod blockwise8;
 pub mod codebook;
 pub mod cpu;
@@ -812,6 +813,31 @@ mod bindings {
         by_dtype!(dtype, go(py, isa, scores, dp, lse, out, d_out, keys, head_dim, scale, threads))
     }
 
+    #[pyfunction]
+    #[pyo3(signature = (scores, lse, keys, scale, dtype, threads, isa=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn causal_softmax(
+        py: Python<'_>,
+        scores: &Bound<'_, PyAny>,
+        mut lse: PyReadwriteArray1<'_, f32>,
+        keys: usize,
+        scale: f32,
+        dtype: &str,
+        threads: usize,
+        isa: Option<&str>,
+    ) -> PyResult<()> {
+        fn go<E: FromNumpy>(
+            py: Python<'_>, isa: Isa, scores: &Bound<'_, PyAny>, lse: &mut [f32], keys: usize, scale: f32, threads: usize,
+        ) -> PyResult<()> {
+            let mut sa = write::<E>(scores)?;
+            let s = elems_mut::<E>(&mut sa, "scores")?;
+            run(py, || crate::attn_softmax::causal_softmax(isa, s, lse, keys, scale, threads))
+        }
+        let isa = parse_isa(isa)?;
+        let lse = slice_mut(&mut lse, "lse")?;
+        by_dtype!(dtype, go(py, isa, scores, lse, keys, scale, threads))
+    }
+
     /// p and g of an optimizer step: float32, or bfloat16 as int16 bits.
     enum Param<'py> {
         F32(PyReadwriteArray1<'py, f32>, PyReadonlyArray1<'py, f32>),
@@ -1108,6 +1134,7 @@ mod bindings {
         m.add_function(wrap_pyfunction!(rmsnorm_backward, m)?)?;
         m.add_function(wrap_pyfunction!(cross_entropy_grad, m)?)?;
         m.add_function(wrap_pyfunction!(causal_softmax_grad, m)?)?;
+        m.add_function(wrap_pyfunction!(causal_softmax, m)?)?;
         m.add_function(wrap_pyfunction!(adamw_step, m)?)?;
         m.add_function(wrap_pyfunction!(adamw8_step, m)?)?;
         m.add_class::<PagedState>()?;

@@ -1,18 +1,21 @@
-"""Causal self-attention whose backward is a few dense matmuls and one Rust pass.
+"""Causal self-attention through dense score matrices: a few matmuls and one Rust pass each way.
 
-PyTorch's CPU flash-attention kernel is quick forward but its backward is
-not: measured on SmolLM2-135M (4 x 256 tokens, 9 query and 3 key/value
-heads, bf16) it took 19-21 ms per layer against 2 ms forward. A training step
-of a small model attends over short sequences, where the whole score matrix
-of one layer is a few MB, so :class:`CausalAttention` keeps flash attention's
-forward (and what it saves: the output and one log-sum-exp per query) and
-computes backward from recomputed scores: four batched matmuls in the compute
-dtype around :func:`qpeft.functional.causal_softmax_grad`, which forms the
-probabilities and the score gradient in float32 in one pass per query row
-(backward about 7 ms per layer; the same algebra as a dozen torch
-operations took 21 ms). The two score-sized buffers are reused from layer
-to layer (:data:`SCORES_BYTES` at most; longer sequences keep flash
-attention's backward, and so does float32, where it is as fast).
+PyTorch's CPU flash-attention kernel is slow backward: measured on
+SmolLM2-135M (4 x 256 tokens, 9 query and 3 key/value heads, bf16) it took
+19-21 ms per layer, and its forward 4.5-5.2 ms. A training step of a small
+model attends over short sequences, where the whole score matrix of one layer
+is a few MB, so :class:`CausalAttention` forms it: forward as ``q k^T`` in the
+compute dtype, the masked softmax and its log-sum-exp in one Rust pass per
+query row (:func:`qpeft.functional.causal_softmax`) and ``p v`` (2.9 ms per
+layer); backward from the same scores recomputed, four batched matmuls around
+:func:`qpeft.functional.causal_softmax_grad`, which forms the probabilities
+and the score gradient in float32 in one pass per query row (about 7 ms per
+layer; the same algebra as a dozen torch operations took 21 ms). Both passes
+form the probabilities with the same exponential from the same bf16 scores
+and log-sum-exp, so backward differentiates exactly the forward's softmax.
+The score buffers are reused from layer to layer (:data:`SCORES_BYTES` at
+most; longer sequences keep flash attention, and so does float32, where its
+backward is as fast).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import functional
+from .._scratch import scratch
 
 __all__ = ["CausalAttention", "DTYPES", "IMPLEMENTATION", "SCORES_BYTES", "causal_attention", "use_dense_backward_attention"]
 
@@ -35,6 +39,11 @@ _scratch = threading.local()
 #: goes through the batch in slices that fit; attention whose single sequence
 #: does not fit (about T > 1,300 for 9 bf16 heads) keeps PyTorch's flash backward.
 SCORES_BYTES = 32 << 20
+
+
+#: Whether the forward of 16-bit attention whose scores fit :data:`SCORES_BYTES` takes the dense
+#: path (two batched matmuls around one Rust softmax pass) instead of PyTorch's flash kernel.
+DENSE_FORWARD = True
 
 
 #: Dtypes whose attention backward this module computes. In float32 PyTorch's
@@ -57,13 +66,44 @@ def _scratch_pair(shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch
     return buf[:n].view(shape), buf[n:2 * n].view(shape)
 
 
+def _dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, H, T, D], lse [B, H, T])`` as flash attention returns them, from
+    the scores in a reused buffer: ``q k^T`` in the compute dtype, the masked
+    softmax in one Rust pass per row (:func:`qpeft.functional.causal_softmax`),
+    then ``p v``, a slice of the batch at a time."""
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    g = h // hkv
+    # transformers hands q over as a transposed view: its grouped copy dies here.
+    qg = q.view(b, hkv, g * t, d) if q.is_contiguous() else scratch(
+        "attention-q", (b, hkv, g * t, d), q.dtype, q.device).view(b, hkv, g, t, d).copy_(q.view(b, hkv, g, t, d)).view(
+        b, hkv, g * t, d)
+    out = torch.empty(b, hkv, g * t, d, dtype=q.dtype)
+    lse = torch.empty(b, h, t, dtype=torch.float32)
+    step = max(1, SCORES_BYTES // _sequence_scores_bytes(h, t, q.dtype))
+    for b0 in range(0, b, step):
+        sl = slice(b0, min(b, b0 + step))
+        nb = sl.stop - b0
+        scores, _ = _scratch_pair((nb, hkv, g * t, t), q.dtype)
+        torch.matmul(qg[sl], k[sl].transpose(-1, -2), out=scores)
+        p, lse_sl = functional.causal_softmax(scores.view(nb, hkv, g, t, t), scale, inplace=True)
+        lse[sl] = lse_sl.view(nb, h, t)
+        torch.matmul(p.view(nb, hkv, g * t, t), v[sl], out=out[sl])
+    return out.view(b, h, t, d), lse
+
+
 class CausalAttention(torch.autograd.Function):
     """``softmax(q k^T * scale + causal) v`` for ``q [B, H, T, D]`` and ``k, v [B, Hkv, T, D]``
     (``H`` a multiple of ``Hkv``: grouped-query attention); returns ``[B, H, T, D]``."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float):
-        out, lse = _flash(q, k, v, 0.0, True, scale=scale)
+        b, h, t, _ = q.shape
+        if DENSE_FORWARD and q.device.type == "cpu" and q.dtype in DTYPES and (
+                _sequence_scores_bytes(h, t, q.dtype) <= SCORES_BYTES):
+            out, lse = _dense_forward(q, k, v, scale)
+        else:
+            out, lse = _flash(q, k, v, 0.0, True, scale=scale)
         ctx.scale = scale
         ctx.save_for_backward(q, k, v, out, lse)
         return out

@@ -22,9 +22,11 @@ values as transformers:
   (``recompute_mlp``): it holds 10 of the 17 MB a SmolLM2 layer keeps per
   1,024 tokens, while its recomputation costs about a sixth of the step, less
   than the whole-layer gradient checkpointing of transformers;
-* causal self-attention in 16-bit dtypes keeps PyTorch's flash-attention
-  forward but takes its backward from recomputed scores (:mod:`qpeft.train.attention`), a
-  quarter of the time of the CPU flash-attention backward
+* causal self-attention in 16-bit dtypes, where a layer's score matrix is a
+  few MB, goes through dense scores both ways (:mod:`qpeft.train.attention`):
+  forward in two batched matmuls around a Rust softmax pass (0.65x the time
+  of PyTorch's CPU flash-attention forward), backward from recomputed scores
+  (a quarter of the time of the flash-attention backward)
   (``dense_attention_backward``);
 * freed heap memory is handed back to the OS every few decoder layers in
   forward (:mod:`qpeft.train.heap`), so fragmentation does not double what
