@@ -62,6 +62,27 @@ def test_lora_matmuls_write_the_same_values_to_out(dtype, tokens):
     assert torch.equal(F.grad_input_4bit(dy, packed, state, out=out), want) and torch.equal(out, want)
 
 
+def test_products_under_autograd_leave_the_scratch_buffers_clean():
+    """lora_matmul keeps autograd (its product may be recorded); that must not tie a scratch buffer
+    into the graph, where a later call with ``out=`` (or a later overwrite) would break it."""
+    x, packed, state, A, B = _case(24, 128, 4, torch.bfloat16, 80)
+    dense = F.dequantize_4bit(packed, state).to(torch.bfloat16)
+    Bg = B.clone().requires_grad_()
+    xg = x.clone().requires_grad_()
+    yg, _ = F.lora_matmul(xg, dense, A, Bg, 0.5)
+    yg.float().sum().backward()
+    assert xg.grad is not None and Bg.grad is not None
+    bufs = _scratch._local.bufs
+    assert not any(b is not None and b.requires_grad for b in bufs.values())
+    want, _ = F.linear_4bit_lora(x, packed, state, A, B, 0.5)
+    out = torch.empty_like(want)
+    with torch.enable_grad():
+        got, _ = F.linear_4bit_lora(xg, packed, state, A, Bg, 0.5, out=out)
+        dg = F.grad_input_4bit(want.requires_grad_(), packed, state, out=torch.empty_like(x))
+    assert got is out and not got.requires_grad and torch.equal(got, want) and not dg.requires_grad
+    assert not any(b is not None and b.requires_grad for b in bufs.values())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])  # float64: the torch path
 def test_swiglu_backward_writes_the_same_values_to_out(dtype):
     g = torch.Generator().manual_seed(3)

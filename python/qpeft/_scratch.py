@@ -40,7 +40,8 @@ def scratch(key: Hashable, shape: tuple[int, ...], dtype: torch.dtype, device: t
     for n in shape:
         numel *= n
     buf = bufs.get(key)
-    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+    # A buffer that an in-place copy under autograd tied into a graph belongs to that graph now.
+    if buf is None or buf.dtype != dtype or buf.numel() < numel or buf.requires_grad:
         bufs[key] = None  # let the old one go before the new one exists
         buf = bufs[key] = torch.empty(numel, dtype=dtype)
     return buf[:numel].view(shape)

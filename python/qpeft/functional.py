@@ -1140,10 +1140,22 @@ def lora_matmul(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tens
     h = x @ A.to(dtype).t()
     if dtype not in ROUND_ONCE_DTYPES:
         return (x @ W.t()).addmm_(h, B.to(dtype).t(), alpha=scaling), h
+    if _records(x, h, W, B):
+        # Autograd records the product: fresh tensors, which the matmul may keep.
+        return torch.cat([x, h], dim=1) @ torch.cat([W, _scaled(B, scaling).to(dtype)], dim=1).t(), h
     rows, k = W.shape
     Wa = _augmented_buffer(rows, k + h.shape[1], dtype, x.device, 0)
     Wa[:, :k].copy_(W)
     return _augmented_matmul(x, h, Wa, B, scaling), h
+
+
+def _records(*ts: torch.Tensor) -> bool:
+    """Whether autograd records an operation on ``ts``."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def _scaled(B: torch.Tensor, scaling: float) -> torch.Tensor:
+    return B * scaling if scaling != 1.0 else B
 
 
 def _augmented_buffer(rows: int, cols: int, dtype: torch.dtype, device: torch.device, slot: int) -> torch.Tensor:
@@ -1160,13 +1172,17 @@ def _augmented_matmul(x: torch.Tensor, h: torch.Tensor, Wa: torch.Tensor, B: tor
     on every call); the result goes to ``out`` when given.
     """
     k = x.shape[1]
-    Wa[:, k:].copy_(B * scaling if scaling != 1.0 else B)
-    xa = scratch("augmented-input", (x.shape[0], k + h.shape[1]), x.dtype, x.device)
-    xa[:, :k].copy_(x)
-    xa[:, k:].copy_(h)
-    if out is None:
-        return xa @ Wa.t()
-    return torch.matmul(xa, Wa.t(), out=out)
+    if out is None and _records(x, h, B):
+        # Autograd records the product: fresh tensors, which the matmul may keep.
+        return torch.cat([x, h], dim=1) @ torch.cat([Wa[:, :k], _scaled(B, scaling).to(Wa.dtype)], dim=1).t()
+    with torch.no_grad():  # nothing recorded into the scratch buffers, whatever the inputs
+        Wa[:, k:].copy_(_scaled(B, scaling))
+        xa = scratch("augmented-input", (x.shape[0], k + h.shape[1]), x.dtype, x.device)
+        xa[:, :k].copy_(x)
+        xa[:, k:].copy_(h)
+        if out is None:
+            return xa @ Wa.t()
+        return torch.matmul(xa, Wa.t(), out=out)
 
 
 def _dequantizes_into_rows(x: torch.Tensor, weight: torch.Tensor, qs: Any) -> bool:
@@ -1197,7 +1213,8 @@ def lora_matmul_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantSt
     with the same ``slot`` (callers that need two weights at once, such as a
     feed-forward block's backward, use two slots). Elsewhere ``W`` is a fresh
     tensor and the result is :func:`lora_matmul`'s. ``y`` is written to
-    ``out`` (contiguous, ``[tokens, out_features]``, ``x``'s dtype) when given.
+    ``out`` (contiguous, ``[tokens, out_features]``, ``x``'s dtype; no
+    autograd history) when given.
     """
     if _dequantizes_into_rows(x, weight, quant_state):
         return _lora_matmul_rows(x, weight, quant_state, A, B, scaling, slot, out)
@@ -1207,8 +1224,11 @@ def lora_matmul_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantSt
 
 
 def _into(out: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-    """``y``, copied into ``out`` when one is given."""
-    return y if out is None else out.copy_(y)
+    """``y``, copied into ``out`` (without autograd history) when one is given."""
+    if out is None:
+        return y
+    with torch.no_grad():
+        return out.copy_(y)
 
 
 def _lora_matmul_rows(x: torch.Tensor, weight: torch.Tensor, qs: Any, A: torch.Tensor, B: torch.Tensor,
@@ -1232,7 +1252,7 @@ def linear_4bit_lora(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantSt
     weight in this thread's scratch buffer and :func:`lora_matmul` (one
     rounding). Elsewhere: a fresh dense weight and :func:`lora_matmul`.
     The output is written to ``out`` (contiguous, ``[tokens,
-    out_features]``, ``x``'s dtype) when given.
+    out_features]``, ``x``'s dtype; no autograd history) when given.
     """
     if x.shape[0] <= _gemv_max_tokens(x):
         h = x @ A.to(x.dtype).t()
@@ -1286,11 +1306,13 @@ def lora_up_add_(y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, scaling: fl
 def grad_input_4bit(grad_out: torch.Tensor, weight: torch.Tensor, quant_state: QuantState,
                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``grad_out @ W`` for a 4-bit ``W``: the input gradient of :func:`linear_4bit`
-    (written to ``out``, contiguous and of the result's shape and dtype, when given)."""
+    (written to ``out``, contiguous and of the result's shape and dtype, without
+    autograd history, when given)."""
     W = _dense_scratch(weight, quant_state, grad_out.dtype, grad_out.requires_grad)
     if out is None:
         return grad_out @ W
-    return torch.matmul(grad_out, W, out=out)
+    with torch.no_grad():
+        return torch.matmul(grad_out, W, out=out)
 
 
 def _elementwise_native(*ts: torch.Tensor) -> bool:
@@ -1343,7 +1365,7 @@ def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor,
         d_up = (dy * (g * s)).to(up.dtype)
         d_gate = (dy * up.float() * (s * (1 + g * (1 - s)))).to(gate.dtype)
         if out is not None:
-            return out[0].copy_(d_gate), out[1].copy_(d_up)
+            return _into(out[0], d_gate), _into(out[1], d_up)
         return d_gate, d_up
     g, u, dy = (t.detach().contiguous() for t in (gate, up, grad))
     d_gate, d_up = out if out is not None else (torch.empty_like(g), torch.empty_like(u))
@@ -1428,7 +1450,7 @@ def cross_entropy_grad(
         loss = (lse - x.gather(1, t).squeeze(1)) * weight
         grad = x.sub_(lse.unsqueeze(1)).exp_().scatter_add_(1, t, -weight.unsqueeze(1)).mul_(weight.unsqueeze(1))
         grad = grad.to(logits.dtype)
-        return loss, lse, (grad if out is None else out.copy_(grad))
+        return loss, lse, _into(out, grad)
     x = logits.detach().contiguous()
     t = targets.detach().to(torch.int64).contiguous()
     grad = torch.empty_like(x) if out is None else out
