@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 import weakref
 from typing import Any, Mapping, Optional
 
@@ -1527,9 +1526,9 @@ def causal_softmax(scores: torch.Tensor, scale: float, inplace: bool = False) ->
     :func:`causal_softmax_grad`'s, so backward recomputes exactly these
     probabilities) instead of half a dozen torch passes over ``[T, T]``.
     """
-    t = scores.shape[-1]
-    if scores.dim() < 2 or scores.shape[-2] != t:
+    if scores.dim() < 2 or scores.shape[-2] != scores.shape[-1]:
         raise ValueError(f"scores must be [..., T, T]; got {list(scores.shape)}")
+    t = scores.shape[-1]
     if inplace and not scores.is_contiguous():
         raise ValueError("inplace=True needs contiguous scores")
     dtype = scores.dtype
@@ -1545,8 +1544,6 @@ def causal_softmax(scores: torch.Tensor, scale: float, inplace: bool = False) ->
         _native.causal_softmax(_np_flat(p), lse.numpy().reshape(-1), t, float(scale), _FLOAT_DTYPES[dtype], _threads())
     return (scores if inplace else p), lse
 
-
-_scratch = threading.local()
 
 
 def _dense_for(x: torch.Tensor, weight: torch.Tensor, quant_state, requires_grad: bool) -> torch.Tensor:
@@ -1581,14 +1578,7 @@ def _dense_scratch(weight: torch.Tensor, quant_state, dtype: torch.dtype, requir
     numel = math.prod(shape)
     # One buffer per dtype: a training step can interleave 16-bit LoRA layers
     # with widened float32 plain ones, and must not reallocate at each switch.
-    bufs = getattr(_scratch, "bufs", None)
-    if bufs is None:
-        bufs = _scratch.bufs = {}
-    buf = bufs.get(dtype)
-    if buf is None or buf.numel() < numel:
-        bufs[dtype] = None  # let the old one go before the new one exists
-        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
-    out = buf[:numel].view(shape)
+    out = scratch(("dense-weight", dtype), tuple(shape), dtype, "cpu")
     packed = weight.detach()
     if packed.dtype != torch.uint8:
         packed = packed.contiguous().view(torch.uint8)

@@ -20,6 +20,7 @@
 
 use std::sync::Mutex;
 
+use crate::attn_softmax::check_blocks;
 use crate::cpu::{self, Isa};
 use crate::elem::Elem;
 use crate::error::{invalid, Result};
@@ -117,20 +118,10 @@ pub fn causal_softmax_grad<E: Elem>(
     threads: usize,
 ) -> Result<()> {
     let rows = lse.len();
-    if keys == 0 || head_dim == 0 {
-        return Err(invalid(format!("keys ({keys}) and head_dim ({head_dim}) must be positive")));
+    if head_dim == 0 {
+        return Err(invalid("head_dim must be positive"));
     }
-    if !rows.is_multiple_of(keys) {
-        return Err(invalid(format!(
-            "{rows} query rows are not whole [{keys}, {keys}] blocks: causal self-attention needs as many queries as keys"
-        )));
-    }
-    let n = rows.checked_mul(keys).ok_or_else(|| invalid("rows x keys overflows"))?;
-    for (len, what) in [(scores.len(), "scores"), (dp.len(), "dp")] {
-        if len != n {
-            return Err(invalid(format!("{what} has {len} elements, but {rows} rows of {keys} keys make {n}")));
-        }
-    }
+    check_blocks(rows, keys, &[(scores.len(), "scores"), (dp.len(), "dp")])?;
     let nd = rows.checked_mul(head_dim).ok_or_else(|| invalid("rows x head_dim overflows"))?;
     for (len, what) in [(out.len(), "out"), (d_out.len(), "d_out")] {
         if len != nd {

@@ -91,6 +91,27 @@ fn rows_isa<E: Elem>(isa: Isa, first_row: usize, keys: usize, scale: f32, s: &mu
     }
 }
 
+/// Checks that `rows` query rows make whole `[keys, keys]` blocks and that each
+/// of the score matrices `(length, name)` holds `keys` values for each row
+/// (both passes of the softmax lay their scores out so).
+pub(crate) fn check_blocks(rows: usize, keys: usize, scores: &[(usize, &str)]) -> Result<()> {
+    if keys == 0 {
+        return Err(invalid("keys must be positive"));
+    }
+    if !rows.is_multiple_of(keys) {
+        return Err(invalid(format!(
+            "{rows} query rows are not whole [{keys}, {keys}] blocks: causal self-attention needs as many queries as keys"
+        )));
+    }
+    let n = rows.checked_mul(keys).ok_or_else(|| invalid("rows x keys overflows"))?;
+    for &(len, what) in scores {
+        if len != n {
+            return Err(invalid(format!("{what} has {len} elements, but {rows} rows of {keys} keys make {n}")));
+        }
+    }
+    Ok(())
+}
+
 /// The softmax of causal self-attention for `lse.len()` query rows, in place:
 /// `scores` (unscaled `q k^T`) become the probabilities of `scores * scale`
 /// over keys `0..=i` (zero above the diagonal) and `lse` receives each row's
@@ -106,19 +127,7 @@ pub fn causal_softmax<E: Elem>(
     scale: f32,
     threads: usize,
 ) -> Result<()> {
-    let rows = lse.len();
-    if keys == 0 {
-        return Err(invalid("keys must be positive"));
-    }
-    if !rows.is_multiple_of(keys) {
-        return Err(invalid(format!(
-            "{rows} query rows are not whole [{keys}, {keys}] blocks: causal self-attention needs as many queries as keys"
-        )));
-    }
-    let n = rows.checked_mul(keys).ok_or_else(|| invalid("rows x keys overflows"))?;
-    if scores.len() != n {
-        return Err(invalid(format!("scores has {} elements, but {rows} rows of {keys} keys make {n}", scores.len())));
-    }
+    check_blocks(lse.len(), keys, &[(scores.len(), "scores")])?;
     let isa = cpu::usable(isa);
     let parts: Vec<Mutex<(&mut [E], &mut [f32])>> =
         scores.chunks_mut(ROWS_PER_TASK * keys).zip(lse.chunks_mut(ROWS_PER_TASK)).map(Mutex::new).collect();

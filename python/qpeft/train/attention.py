@@ -20,8 +20,6 @@ backward is as fast).
 
 from __future__ import annotations
 
-import math
-import threading
 from typing import Optional
 
 import torch
@@ -33,7 +31,6 @@ from .._scratch import scratch
 __all__ = ["CausalAttention", "DTYPES", "IMPLEMENTATION", "SCORES_BYTES", "causal_attention", "use_dense_backward_attention"]
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_scratch = threading.local()
 
 #: Bytes of each of the two [T, T] score buffers backward keeps per thread. Backward
 #: goes through the batch in slices that fit; attention whose single sequence
@@ -56,35 +53,44 @@ def _sequence_scores_bytes(heads: int, t: int, dtype: torch.dtype) -> int:
     return heads * t * t * dtype.itemsize
 
 
-def _scratch_pair(shape: tuple, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two tensors of ``shape`` in this thread's buffers (grown to the largest seen), valid until its next call."""
-    n = math.prod(shape)
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.dtype != dtype or buf.numel() < 2 * n:
-        buf = _scratch.buf = None  # let the old one go before the new one exists
-        buf = _scratch.buf = torch.empty(2 * n, dtype=dtype)
-    return buf[:n].view(shape), buf[n:2 * n].view(shape)
+def _batch_slices(b: int, h: int, t: int, dtype: torch.dtype):
+    """``(slice, size)`` of the batch, as many sequences at a time as fit :data:`SCORES_BYTES`."""
+    step = max(1, SCORES_BYTES // _sequence_scores_bytes(h, t, dtype))
+    for b0 in range(0, b, step):
+        sl = slice(b0, min(b, b0 + step))
+        yield sl, sl.stop - b0
+
+
+def _scores(which: int, nb: int, hkv: int, g: int, t: int, dtype: torch.dtype) -> torch.Tensor:
+    """Score buffer ``which`` (0 or 1), ``[nb, Hkv, G*T, T]``: reused from layer to layer (fresh
+    multi-MB tensors per layer cost page faults once freed memory goes back to the OS)."""
+    return scratch(("attention-scores", which), (nb, hkv, g * t, t), dtype, "cpu")
+
+
+def _grouped_q(q: torch.Tensor, hkv: int) -> torch.Tensor:
+    """``q [B, H, T, D]`` as ``[B, Hkv, G*T, D]``: the query heads of one key/value head side by
+    side. transformers hands q over as a transposed view; its grouped copy is a scratch buffer."""
+    b, h, t, d = q.shape
+    g = h // hkv
+    if q.is_contiguous():
+        return q.view(b, hkv, g * t, d)
+    qg = scratch("attention-q", (b, hkv, g * t, d), q.dtype, q.device)
+    qg.view(b, hkv, g, t, d).copy_(q.view(b, hkv, g, t, d))
+    return qg
 
 
 def _dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [B, H, T, D], lse [B, H, T])`` as flash attention returns them, from
-    the scores in a reused buffer: ``q k^T`` in the compute dtype, the masked
-    softmax in one Rust pass per row (:func:`qpeft.functional.causal_softmax`),
-    then ``p v``, a slice of the batch at a time."""
+    """``(out [B, H, T, D], lse [B, H, T])`` as flash attention returns them: ``q k^T`` in
+    the compute dtype, the masked softmax in one Rust pass per row
+    (:func:`qpeft.functional.causal_softmax`), then ``p v``, a slice of the batch at a time."""
     b, h, t, d = q.shape
     hkv = k.shape[1]
     g = h // hkv
-    # transformers hands q over as a transposed view: its grouped copy dies here.
-    qg = q.view(b, hkv, g * t, d) if q.is_contiguous() else scratch(
-        "attention-q", (b, hkv, g * t, d), q.dtype, q.device).view(b, hkv, g, t, d).copy_(q.view(b, hkv, g, t, d)).view(
-        b, hkv, g * t, d)
+    qg = _grouped_q(q, hkv)
     out = torch.empty(b, hkv, g * t, d, dtype=q.dtype)
     lse = torch.empty(b, h, t, dtype=torch.float32)
-    step = max(1, SCORES_BYTES // _sequence_scores_bytes(h, t, q.dtype))
-    for b0 in range(0, b, step):
-        sl = slice(b0, min(b, b0 + step))
-        nb = sl.stop - b0
-        scores, _ = _scratch_pair((nb, hkv, g * t, t), q.dtype)
+    for sl, nb in _batch_slices(b, h, t, q.dtype):
+        scores = _scores(0, nb, hkv, g, t, q.dtype)
         torch.matmul(qg[sl], k[sl].transpose(-1, -2), out=scores)
         p, lse_sl = functional.causal_softmax(scores.view(nb, hkv, g, t, t), scale, inplace=True)
         lse[sl] = lse_sl.view(nb, h, t)
@@ -115,20 +121,14 @@ class CausalAttention(torch.autograd.Function):
         b, h, t, d = q.shape
         hkv = k.shape[1]
         g = h // hkv
-        # Query heads of one key/value head side by side: [B, Hkv, G*T, D].
-        qg = q.reshape(b, hkv, g * t, d)
+        qg = _grouped_q(q, hkv)
         dog = d_out.to(q.dtype).reshape(b, hkv, g * t, d)
         og = out.to(q.dtype).reshape(b, hkv, g, t, d)
         lg = lse.reshape(b, hkv, g, t)
         dq, dk, dv = torch.empty_like(qg), torch.empty(k.shape, dtype=k.dtype), torch.empty(v.shape, dtype=v.dtype)
-        # The [T, T] matrices live in this thread's reused buffers (fresh
-        # multi-MB tensors per layer cost page faults once freed memory goes
-        # back to the OS), a slice of the batch at a time.
-        step = max(1, SCORES_BYTES // _sequence_scores_bytes(h, t, q.dtype))
-        for b0 in range(0, b, step):
-            sl = slice(b0, min(b, b0 + step))
-            nb = sl.stop - b0
-            scores, dp = _scratch_pair((nb, hkv, g * t, t), q.dtype)
+        # The [T, T] matrices in the reused score buffers, a slice of the batch at a time.
+        for sl, nb in _batch_slices(b, h, t, q.dtype):
+            scores, dp = _scores(0, nb, hkv, g, t, q.dtype), _scores(1, nb, hkv, g, t, q.dtype)
             torch.matmul(qg[sl], k[sl].transpose(-1, -2), out=scores)
             torch.matmul(dog[sl], v[sl].transpose(-1, -2), out=dp)
             p, ds = functional.causal_softmax_grad(

@@ -84,12 +84,14 @@ class ChunkedLMLoss(torch.autograd.Function):
                 # chunk to chunk and step to step, where the trainer's in-step heap
                 # trims would have a fresh chunk faulted in each time; float32's
                 # chunks (128 MB together) come from recycled heap, kept between steps.
-                shape = (h.shape[0], w.shape[0])
-                buf = (lambda key: scratch(key, shape, h.dtype, h.device)) if h.dtype != torch.float32 else None
-                logits = torch.matmul(h, w.t(), out=buf("loss-logits")) if buf else h @ w.t()
+                if h.dtype == torch.float32:
+                    logits, dlogits = h @ w.t(), None
+                else:
+                    shape = (h.shape[0], w.shape[0])
+                    logits = torch.matmul(h, w.t(), out=scratch("loss-logits", shape, h.dtype, h.device))
+                    dlogits = scratch("loss-dlogits", shape, h.dtype, h.device)
                 # Loss, log-sum-exp and softmax - onehot in one pass per row.
-                loss, lse[i:i + rows], p = functional.cross_entropy_grad(
-                    logits, t, IGNORE_INDEX, out=buf("loss-dlogits") if buf else None)
+                loss, lse[i:i + rows], p = functional.cross_entropy_grad(logits, t, IGNORE_INDEX, out=dlogits)
                 total += loss.sum()
                 torch.matmul(p, w, out=grad_h[i:i + rows])
                 continue

@@ -96,8 +96,7 @@ def _lora_out(x: torch.Tensor, wq: torch.Tensor, qs: Any, A: torch.Tensor, B: to
     # and the dense weight the input gradient needs anyway (valid until the
     # slot's next use); returns (output, x A^T, W), the first two shaped as x.
     # The output is a scratch buffer (``key``): it dies with the backward.
-    flat = x.reshape(-1, x.shape[-1])
-    out = scratch(key, (flat.shape[0], int(qs.shape[0])), x.dtype, x.device)
+    flat, out = _flat_and_out(x, qs, key)
     y, a, W = functional.lora_matmul_4bit(flat, wq, qs, A, B, s, slot, out=out)
     return y.view(*x.shape[:-1], y.shape[-1]), a.view(*x.shape[:-1], a.shape[-1]), W
 
@@ -105,10 +104,15 @@ def _lora_out(x: torch.Tensor, wq: torch.Tensor, qs: Any, A: torch.Tensor, B: to
 def _lora_out_4bit(x: torch.Tensor, wq: torch.Tensor, qs: Any, A: torch.Tensor, B: torch.Tensor, s: float,
                    key: Optional[str] = None):
     # With ``key``, the output is that scratch buffer (a temporary of the caller).
-    flat = x.reshape(-1, x.shape[-1])
-    out = None if key is None else scratch(key, (flat.shape[0], int(qs.shape[0])), x.dtype, x.device)
+    flat, out = _flat_and_out(x, qs, key)
     y, _ = functional.linear_4bit_lora(flat, wq, qs, A, B, s, out=out)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _flat_and_out(x: torch.Tensor, qs: Any, key: Optional[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``x`` as ``[tokens, in]`` and, with ``key``, that scratch buffer as ``[tokens, out]`` for the product."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat, None if key is None else scratch(key, (flat.shape[0], int(qs.shape[0])), x.dtype, x.device)
 
 
 def _scratch_for(key: str, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
