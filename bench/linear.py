@@ -239,12 +239,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    p.add_argument("--tokens", type=int, nargs="+", help="token counts of the matmul rows (default: 1 4 16 64 512)")
     p.add_argument("--json", default="bench/results/linear.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print("machine:", machine())
     shapes = [(4096, 4096), (11008, 4096)] if not args.quick else [(1024, 1024)]
-    tokens = [1, 4, 16, 64, 512] if not args.quick else [1, 16]
+    tokens = args.tokens or ([1, 4, 16, 64, 512] if not args.quick else [1, 16])
     repeats = 3 if args.quick else args.repeats
     out = {"machine": machine()}
     if args.part in ("all", "matmul"):

@@ -342,3 +342,61 @@ def test_inference_keeps_shapes_bias_and_clear_errors(shape, bias):
     torch.testing.assert_close(y, F.linear(x, layer.dequantize(), layer.bias), rtol=1e-5, atol=1e-5)
     with torch.no_grad(), pytest.raises(ValueError, match="expects 128"):
         layer(torch.randn(1, 127))
+
+
+def test_forward_reads_the_current_parameters():
+    """forward reads weight and bias from the parameter dict (no nn.Module.__getattr__):
+    a replaced parameter is used, and a subclass that makes ``weight`` something
+    else still works."""
+    _, layer = make_layer(in_f=64, out_f=32)
+    _, other = make_layer(in_f=64, out_f=32, bias=False)
+    torch.manual_seed(1)
+    other.weight.data.copy_(torch.randint(0, 256, other.weight.shape, dtype=torch.uint8))
+    x = torch.randn(3, 64)
+    layer.weight = other.weight
+    layer.quant_state = other.quant_state
+    layer.bias = nn.Parameter(torch.full((32,), 0.5))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, other.dequantize()) + 0.5, rtol=1e-5, atol=1e-5)
+
+    class Shared(Linear4bit):
+        """The packed weight lives on another module (as with tied layers)."""
+
+        def __init__(self, owner):
+            nn.Module.__init__(self)
+            self.owner = owner
+            self.quant_state = owner.quant_state
+            self.compute_dtype = None
+            self.register_parameter("bias", None)
+
+        @property
+        def weight(self):
+            return self.owner.weight
+
+    shared = Shared(other)
+    with torch.no_grad():
+        torch.testing.assert_close(shared(x), other(x))
+
+
+def test_autocast_is_seen_without_autograd(monkeypatch):
+    """Inference under autocast computes in the autocast dtype; matmul_4bit asks
+    torch whether any autocast is on before asking per device, and the per-device
+    answer decides."""
+    from qpeft import autograd as qa
+
+    _, layer = make_layer()
+    x = torch.randn(5, 96)
+    want = F.linear(x.bfloat16(), layer.dequantize().bfloat16(), layer.bias.bfloat16())
+    for any_autocast in (qa._any_autocast, lambda: True):
+        monkeypatch.setattr(qa, "_any_autocast", any_autocast)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+        with torch.no_grad():
+            assert layer(x).dtype == torch.float32
+    # The quick check is what the inference path relies on: were it to miss
+    # autocast, the result would stay float32.
+    monkeypatch.setattr(qa, "_any_autocast", lambda: False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.float32

@@ -103,17 +103,22 @@ _wide_gemv: Optional[bool] = None
 
 def _gemv_max_tokens(x: torch.Tensor) -> int:
     """Most tokens of ``x`` for which :func:`linear_4bit` takes the fused kernel."""
-    global _wide_gemv
-    device = x.device.type
-    if device == "cpu":
-        if x.dtype == torch.bfloat16:
-            if _wide_gemv is None:
-                _wide_gemv = _native.cpu_has_bf16_dot()  # true only on the AVX-512 path
-            if _wide_gemv:
-                return GEMV_MAX_TOKENS
-        return min(GEMV_MAX_TOKENS, _GEMV_MAX_TOKENS_ELSEWHERE)
-    return _cuda.GEMV_MAX_TOKENS if device == "cuda" else -1
+    if x.is_cpu:
+        return _cpu_gemv_max_tokens(x.dtype)
+    return _cuda.GEMV_MAX_TOKENS if x.device.type == "cuda" else -1
 
+
+def _cpu_gemv_max_tokens(dtype: torch.dtype) -> int:
+    """:func:`_gemv_max_tokens` for a CPU tensor of ``dtype``."""
+    global _wide_gemv
+    if dtype == torch.bfloat16:
+        if _wide_gemv is None:
+            _wide_gemv = _native.cpu_has_bf16_dot()  # true only on the AVX-512 path
+        if _wide_gemv:
+            return GEMV_MAX_TOKENS
+    return min(GEMV_MAX_TOKENS, _GEMV_MAX_TOKENS_ELSEWHERE)
+
+_CPU = torch.device("cpu")
 _FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DTYPE_BY_NAME = {v: k for k, v in _FLOAT_DTYPES.items()}
 
@@ -782,7 +787,14 @@ def _gemv_4bit_cpu(
     """:func:`_gemv_4bit` for a CPU tensor ``A`` of dtype ``dtype_name`` (the
     caller has checked both; :func:`linear_4bit` comes straight here)."""
     n, k, weight = _weight_handle(B, quant_state)
-    tokens, out = _gemv_out(A, n, k, out)
+    shape = A.shape
+    if out is None and shape and shape[-1] == k:
+        # _gemv_out's allocation, cheaper: a size as separate ints and a device
+        # object parse faster (about 20 us less when the caches are cold).
+        tokens = A.numel() // k if k else math.prod(shape[:-1])
+        out = torch.empty(*shape[:-1], n, dtype=A.dtype, device=_CPU)
+    else:
+        tokens, out = _gemv_out(A, n, k, out)
     # Only the memory is read (autograd records nothing): no detach needed for the address.
     x = A if A.is_contiguous() else A.detach().contiguous()
     # x is a contiguous CPU tensor of tokens * K elements of dtype_name, and
@@ -1103,16 +1115,15 @@ def linear_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state: QuantState) 
     """
     tokens = x.numel() // max(1, x.shape[-1])
     dtype_name = _FLOAT_DTYPES.get(x.dtype)
-    if (
-        tokens <= _gemv_max_tokens(x)
-        and dtype_name is not None
-        and quant_state.shape is not None
-        and len(quant_state.shape) == 2
-    ):
-        # Once per layer per generated token: the CPU call goes straight to the kernel.
-        if x.device.type == "cpu":
-            return _gemv_4bit_cpu(x, weight, quant_state, dtype_name)
-        return _gemv_4bit(x, weight, quant_state)
+    shape = quant_state.shape
+    if dtype_name is not None and shape is not None and len(shape) == 2:
+        # Once per layer per generated token: the CPU call goes straight to the
+        # kernel. (`x.is_cpu`, not `x.device`: see matmul_4bit.)
+        if x.is_cpu:
+            if tokens <= _cpu_gemv_max_tokens(x.dtype):
+                return _gemv_4bit_cpu(x, weight, quant_state, dtype_name)
+        elif tokens <= _gemv_max_tokens(x):
+            return _gemv_4bit(x, weight, quant_state)
     w = _dense_for(x, weight, quant_state, x.requires_grad)
     return torch.nn.functional.linear(x.to(w.dtype), w).to(x.dtype)
 
