@@ -14,8 +14,12 @@ Two parts, both in this one process on the same data and thread count:
    4-bit (both NF4, double quant, bfloat16 compute); tokens/s and ratios.
 
 Every time is a median of repeats after a warm-up, the contenders of a row
-(or the decode models) timed in turn within each repeat. Run from the repository
-root with the virtualenv active::
+(or the decode models) timed in turn within each repeat. Rows of at most 4
+tokens take 10x ``--repeats``: their calls are short (all six of a 4096x4096
+1-token row take about 20 ms), and on a shared machine their medians took
+about 200 samples to settle (with 30, the 1-token ratio against dense bfloat16
+moved between 2.1x and 2.6x from run to run). Run from the repository root
+with the virtualenv active::
 
     python bench/linear.py                 # both parts, 2 threads
     python bench/linear.py --part matmul --threads 1
@@ -172,7 +176,7 @@ def run_matmul(shapes, token_counts, repeats):
     results = []
     for shape in shapes:
         for t in token_counts:
-            r = matmul_rows(shape, t, repeats if t <= 64 else max(3, repeats // 3))
+            r = matmul_rows(shape, t, 10 * repeats if t <= 4 else repeats if t <= 64 else max(3, repeats // 3))
             cells = " ".join(f"{r.get(c, float('nan')):11.3f}" for c in
                              ["dense fp32", "dense bf16", "qpeft eval", "bnb eval", "qpeft grad", "bnb grad"])
             ratio = lambda a, b_: r[a] / r[b_] if a in r and b_ in r else float("nan")  # noqa: E731
