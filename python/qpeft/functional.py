@@ -118,6 +118,7 @@ def _cpu_gemv_max_tokens(dtype: torch.dtype) -> int:
             return GEMV_MAX_TOKENS
     return min(GEMV_MAX_TOKENS, _GEMV_MAX_TOKENS_ELSEWHERE)
 
+
 _CPU = torch.device("cpu")
 _FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DTYPE_BY_NAME = {v: k for k, v in _FLOAT_DTYPES.items()}
