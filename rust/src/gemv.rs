@@ -1080,19 +1080,32 @@ mod x86 {
     /// 1.25x faster with it; 2-16 KiB ahead all did about as well).
     const PREFETCH_AHEAD: usize = 4096;
 
-    /// Prefetches the packed weight [`PREFETCH_AHEAD`] bytes past `pk`. A
-    /// weight read once per call (`once`) is fetched non-temporally, so that
-    /// streaming it does not push out of L2 and L3 what the rest of the
-    /// model works on (decoding SmolLM2: 1.02x tokens/s, in-process A/B);
-    /// one read once per 16 tokens is kept for the next pass.
+    /// Prefetches the packed weight `ahead` bytes past `pk` ([`PREFETCH_AHEAD`]
+    /// for whole rows, [`chunk_ahead`] in chunks). A weight read once per
+    /// call (`once`) is fetched non-temporally, so that streaming it does not
+    /// push out of L2 and L3 what the rest of the model works on (decoding
+    /// SmolLM2: 1.02x tokens/s, in-process A/B); one read once per 16 tokens
+    /// is kept for the next pass.
     #[inline(always)]
-    unsafe fn prefetch(pk: *const u8, once: bool) {
-        let at = pk.wrapping_add(PREFETCH_AHEAD) as *const i8;
+    unsafe fn prefetch(pk: *const u8, ahead: usize, once: bool) {
+        let at = pk.wrapping_add(ahead) as *const i8;
         if once {
             _mm_prefetch::<_MM_HINT_NTA>(at);
         } else {
             _mm_prefetch::<_MM_HINT_T0>(at);
         }
+    }
+
+    /// The prefetch distance when rows go through K in chunks of
+    /// `chunk_bytes` packed bytes each (`row_bytes` per row): the same chunk of
+    /// the row [`PREFETCH_AHEAD`] bytes of chunks later, which is what is read
+    /// then (the next row's chunk, or one of the next group's rows, which
+    /// stays in L2 until its turn). Along the row, the prefetches would fetch
+    /// the row's next chunk, read only after the whole group's: 4096 x 11008,
+    /// bf16 x, 2 threads, 2 tokens 1.38 against 1.66 ms, 4 tokens 1.75
+    /// against 2.21 ms (in-process A/B; with K = 4096 no change).
+    fn chunk_ahead(chunk_bytes: usize, row_bytes: usize) -> usize {
+        PREFETCH_AHEAD.div_ceil(chunk_bytes.max(1)) * row_bytes
     }
 
     /// Bytes `nibbles` reads from the start of a tile.
@@ -1101,6 +1114,17 @@ mod x86 {
     /// Bytes of x (all tokens of a pass) one K chunk should span, so that
     /// the chunk stays in L1 while a group of rows reuses it.
     const X_CHUNK_BYTES: usize = 16 << 10;
+
+    /// x of at most this many bytes (all tokens of a pass) is read whole
+    /// for every row, without chunks. Chunks cost more than L1 misses on x
+    /// up to about L1's size: they cut the weight's stream into pieces of a
+    /// few rows, which the prefetches (a fixed distance ahead along a row)
+    /// miss. Zen 4 (L1 32 KiB), x of 16-32 KiB, 2 threads: bf16 x, 1 token of
+    /// a 4096 x 11008 weight 1.02 against 1.31 ms, 3 tokens of 4096 x 4096
+    /// 0.40 against 0.50 ms, 4 tokens 0.50 against 0.57 ms; float32 x, 2
+    /// tokens of 4096 x 4096 0.57 against 0.64 ms (in-process A/B). Above
+    /// 32 KiB, chunks win (8 tokens of 4096 x 4096: 0.91 against 0.96 ms).
+    const X_WHOLE_BYTES: usize = 32 << 10;
 
     /// Rows that share one K chunk of x.
     const ROW_GROUP: usize = 16;
@@ -1116,9 +1140,9 @@ mod x86 {
 
     /// The AVX-512 kernel for K % 32 == 0, x in the tiled layout of [`XBuf`];
     /// `CH` accumulator chains per token hide the FMA latency when there are
-    /// few tokens. When a row's x (all tokens) exceeds [`X_CHUNK_BYTES`], rows
-    /// go in groups of [`ROW_GROUP`] through K in chunks that fit L1, the
-    /// accumulators parked in between.
+    /// few tokens. When a row's x (all tokens) exceeds [`X_WHOLE_BYTES`], rows
+    /// go in groups of [`ROW_GROUP`] through K in chunks of [`X_CHUNK_BYTES`],
+    /// which fit L1, the accumulators parked in between.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub(super) unsafe fn tiled_avx512<const NT: usize, const CH: usize>(p: &Part, x: &[f32], res: &mut [f32]) {
         debug_assert!(x.len() == NT * p.k && (x.as_ptr() as usize).is_multiple_of(64));
@@ -1133,12 +1157,12 @@ mod x86 {
         };
         let rows = p.r1 - p.r0;
         let tiles = p.k / TILE;
-        let chunk = (X_CHUNK_BYTES / (NT * TILE * 4)).max(1);
+        let chunk = if NT * p.k * 4 <= X_WHOLE_BYTES { tiles } else { (X_CHUNK_BYTES / (NT * TILE * 4)).max(1) };
         let zero = [[_mm512_setzero_ps(); CH]; NT];
         if tiles <= chunk {
             for n in p.r0..p.r1 {
                 let mut acc = zero;
-                row_part::<NT, CH>(&cx, p, x, n, 0, tiles, true, &mut acc);
+                row_part::<NT, CH>(&cx, p, x, n, 0, tiles, true, &mut acc, PREFETCH_AHEAD);
                 finish::<NT, CH>(&acc, res, rows, n - p.r0);
             }
             return;
@@ -1150,9 +1174,10 @@ mod x86 {
             while c0 < tiles {
                 let c1 = (c0 + chunk).min(tiles);
                 let last = c1 == tiles;
+                let ahead = chunk_ahead((c1 - c0) * TILE / 2, p.k / 2);
                 for (n, slot) in (g..g_end).zip(parked.iter_mut()) {
                     let mut acc = if c0 == 0 { zero } else { *slot };
-                    row_part::<NT, CH>(&cx, p, x, n, c0, c1, last, &mut acc);
+                    row_part::<NT, CH>(&cx, p, x, n, c0, c1, last, &mut acc, ahead);
                     if last {
                         finish::<NT, CH>(&acc, res, rows, n - p.r0);
                     } else {
@@ -1194,6 +1219,7 @@ mod x86 {
         c1: usize,
         tail: bool,
         acc: &mut [[__m512; CH]; NT],
+        ahead: usize,
     ) {
         let (k, bs, shift) = (p.k, p.bs, cx.shift);
         let packed = p.packed;
@@ -1234,7 +1260,7 @@ mod x86 {
                 let step = TILE >> shift;
                 for c in c0..c1 {
                     let idx = load(c, pk);
-                    prefetch(pk, p.once);
+                    prefetch(pk, ahead, p.once);
                     let sv = _mm512_permutexvar_ps(sidx, _mm512_maskz_loadu_ps(mask, sp));
                     cross_tile::<NT, CH>(&idx, cx.tbl, sv, xo, acc);
                     pk = pk.add(TILE / 2);
@@ -1246,7 +1272,7 @@ mod x86 {
                 // row starting mid-block (off % 128 != 0) crosses a boundary.
                 for c in c0..c1 {
                     let idx = load(c, pk);
-                    prefetch(pk, p.once);
+                    prefetch(pk, ahead, p.once);
                     if off + TILE <= bs {
                         let tab = _mm512_mul_ps(cx.tbl, _mm512_set1_ps(*sp));
                         uniform_tile::<NT, CH>(&idx, tab, xo, acc);
@@ -1308,7 +1334,7 @@ mod x86 {
     /// flushed to zero, as the instruction does). `CH` accumulator chains per
     /// token (1, 2 or 4: few tokens need several to hide the instruction's
     /// latency; many would run out of registers). When a row's x (all
-    /// tokens) exceeds [`X_CHUNK_BYTES`], rows go in groups of [`ROW_GROUP`]
+    /// tokens) exceeds [`X_WHOLE_BYTES`], rows go in groups of [`ROW_GROUP`]
     /// through K in chunks that fit L1, the accumulators parked in between
     /// (as in [`tiled_avx512`]).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")]
@@ -1318,12 +1344,12 @@ mod x86 {
         assert!(k.is_multiple_of(BF16_GROUP) && bs.is_multiple_of(BF16_GROUP) && x.len() * 2 == NT * k);
         let tbl = _mm512_loadu_ps(p.table.as_ptr());
         let rows = p.r1 - p.r0;
-        let chunk = (X_CHUNK_BYTES / (NT * BF16_GROUP * 2)).max(2);
+        let chunk = if NT * k * 2 <= X_WHOLE_BYTES { groups } else { (X_CHUNK_BYTES / (NT * BF16_GROUP * 2)).max(2) };
         let zero = [[_mm512_setzero_ps(); CH]; NT];
         if groups <= chunk {
             for n in p.r0..p.r1 {
                 let mut acc = zero;
-                bf16_row_part::<NT, CH>(p, tbl, x, n, 0, groups, &mut acc);
+                bf16_row_part::<NT, CH>(p, tbl, x, n, 0, groups, &mut acc, PREFETCH_AHEAD);
                 bf16_finish::<NT, CH>(&acc, res, rows, n - p.r0);
             }
             return;
@@ -1334,9 +1360,10 @@ mod x86 {
             let mut q0 = 0;
             while q0 < groups {
                 let q1 = (q0 + chunk).min(groups);
+                let ahead = chunk_ahead((q1 - q0) * BF16_GROUP / 2, k / 2);
                 for (n, slot) in (g..g_end).zip(parked.iter_mut()) {
                     let mut acc = if q0 == 0 { zero } else { *slot };
-                    bf16_row_part::<NT, CH>(p, tbl, x, n, q0, q1, &mut acc);
+                    bf16_row_part::<NT, CH>(p, tbl, x, n, q0, q1, &mut acc, ahead);
                     if q1 == groups {
                         bf16_finish::<NT, CH>(&acc, res, rows, n - p.r0);
                     } else {
@@ -1373,6 +1400,7 @@ mod x86 {
         q0: usize,
         q1: usize,
         acc: &mut [[__m512; CH]; NT],
+        ahead: usize,
     ) {
         let (k, bs) = (p.k, p.bs);
         let e0 = n * k;
@@ -1407,7 +1435,7 @@ mod x86 {
                 // half): a second, redundant one per line cost 8-10% of a
                 // one-token call streaming the weight from DRAM.
                 if (pk as usize) & 63 < 32 {
-                    prefetch(pk, p.once);
+                    prefetch(pk, ahead, p.once);
                 }
                 let wa: __m512bh = std::mem::transmute(_mm512_permutexvar_epi16(_mm512_srli_epi16::<4>(words), wt));
                 let wb: __m512bh = std::mem::transmute(_mm512_permutexvar_epi16(words, wt));
