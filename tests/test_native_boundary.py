@@ -255,6 +255,9 @@ def lora_up_add_cases():
     yield "bf16 bits declared float32", {**ok, "y": np.zeros(tokens * n, np.int16)}, TypeError
     yield "dtype unknown", {**ok, "dtype": "float64"}, TypeError
     yield "negative threads", {**ok, "threads": -1}, OverflowError
+    yield "ok, B as rows", {**ok, "b_rows": True}, None
+    yield "B as rows, y one short", {**ok, "b_rows": True, "y": f32(tokens * n - 1)}, ValueError
+    yield "B as rows, rank 0", {**ok, "b_rows": True, "rank": 0}, ValueError
 
 
 def rmsnorm_backward_cases():

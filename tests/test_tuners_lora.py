@@ -1001,3 +1001,55 @@ def test_smollm2_qlora_step_matches_peft_and_training_reduces_the_loss(smollm2):
     print(f"[train] SmolLM2 4-bit QLoRA loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.7 * losses[0], losses
     assert hash_base(qm) == before
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_4bit_lora_without_autograd_equals_the_autograd_forward(tokens, dora):
+    """Generation and evaluation skip the autograd function: the same values, bit for bit."""
+    torch.manual_seed(1)
+    lin = Linear4bit(128, 96, bias=True)
+    A, B = 0.1 * torch.randn(4, 128), 0.1 * torch.randn(96, 4)
+    m = (torch.rand(96) + 0.5) if dora else None
+    for x in (torch.randn(tokens, 128), torch.randn(2, tokens, 128).bfloat16()):
+        with torch.no_grad():
+            fast = qpeft.tuners.lora_linear_4bit(x, lin, A, B, 2.0, magnitude=m)
+        Ag, Bg = A.clone().requires_grad_(), B.clone().requires_grad_()
+        slow = qpeft.tuners.lora_linear_4bit(x, lin, Ag, Bg, 2.0, magnitude=m)
+        assert slow.requires_grad and not fast.requires_grad
+        assert torch.equal(fast, slow.detach()), (tokens, x.dtype)
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 5, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_lora_up_add_reads_a_transposed_view_of_b_without_copying_it(tokens, dtype):
+    """``B.t()`` of a row-major B (what a LoRA layer passes) gives the bits of a contiguous ``B^T``,
+    on both of the kernel's paths (few tokens: dot products from B's rows; more: gathered tiles)."""
+    from qpeft import functional as QF
+
+    torch.manual_seed(tokens)
+    B, h = torch.randn(130, 16), torch.randn(tokens, 16)
+    y = torch.randn(tokens, 130).to(dtype)
+    want = y.double() + (h.double() @ B.double().t()) * 0.5
+    got_view = QF.lora_up_add_(y.clone(), h, B.t(), 0.5)
+    got_copy = QF.lora_up_add_(y.clone(), h, B.t().contiguous(), 0.5)
+    assert torch.equal(got_view, got_copy)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got_view.double(), want, rtol=tol, atol=tol)
+
+
+def test_adapter_changed_behind_autograd_is_seen_by_the_next_inference_call():
+    """Optimizers that write parameters through raw memory do not bump ``_version``:
+    nothing on the inference path may keep a copy of the adapter keyed by it."""
+    torch.manual_seed(0)
+    lin = Linear4bit(64, 48, bias=False)
+    A, B = nn.Parameter(0.1 * torch.randn(4, 64)), nn.Parameter(torch.zeros(48, 4))
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        before = qpeft.tuners.lora_linear_4bit(x, lin, A, B, 2.0)
+        version = B._version
+        B.data.numpy()[:] = 0.5  # as a Rust optimizer step writes it
+        assert B._version == version
+        after = qpeft.tuners.lora_linear_4bit(x, lin, A, B, 2.0)
+    want = before + (x @ A.t() @ B.t()) * 2.0
+    torch.testing.assert_close(after, want, rtol=1e-5, atol=1e-5)

@@ -92,6 +92,7 @@ def lora_up_add(
     dtype: _Float,
     threads: int,
     isa: Optional[Literal["scalar", "neon", "avx2", "avx512"]] = None,
+    b_rows: bool = False,
 ) -> None: ...
 def rmsnorm_backward(
     x: npt.NDArray[np.float32] | npt.NDArray[np.int16],

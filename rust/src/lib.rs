@@ -697,7 +697,7 @@ mod bindings {
     }
 
     #[pyfunction]
-    #[pyo3(signature = (y, h, bt, rank, scale, dtype, threads, isa=None))]
+    #[pyo3(signature = (y, h, bt, rank, scale, dtype, threads, isa=None, b_rows=false))]
     #[allow(clippy::too_many_arguments)]
     fn lora_up_add(
         py: Python<'_>,
@@ -709,16 +709,20 @@ mod bindings {
         dtype: &str,
         threads: usize,
         isa: Option<&str>,
+        b_rows: bool,
     ) -> PyResult<()> {
         #[allow(clippy::too_many_arguments)]
-        fn go<E: FromNumpy>(py: Python<'_>, isa: Isa, y: &Bound<'_, PyAny>, h: &[f32], bt: &[f32], rank: usize, scale: f32, threads: usize) -> PyResult<()> {
+        fn go<E: FromNumpy>(
+            py: Python<'_>, isa: Isa, y: &Bound<'_, PyAny>, h: &[f32], bt: &[f32], rank: usize, scale: f32,
+            threads: usize, b_rows: bool,
+        ) -> PyResult<()> {
             let mut y = write::<E>(y)?;
             let y = elems_mut::<E>(&mut y, "y")?;
-            run(py, || crate::lora_up::lora_up_add(isa, y, h, bt, rank, scale, threads))
+            run(py, || crate::lora_up::lora_up_add(isa, y, h, bt, rank, scale, threads, b_rows))
         }
         let isa = parse_isa(isa)?;
         let (h, bt) = (slice(&h, "h")?, slice(&bt, "bt")?);
-        by_dtype!(dtype, go(py, isa, y, h, bt, rank, scale, threads))
+        by_dtype!(dtype, go(py, isa, y, h, bt, rank, scale, threads, b_rows))
     }
 
     #[pyfunction]

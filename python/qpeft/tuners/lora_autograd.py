@@ -16,15 +16,16 @@ With DoRA (Liu et al. 2024, in PEFT's form) and ``g = m / ||W + s B A||``
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .. import functional
+from ..autograd import _any_autocast
 
 __all__ = ["LoraMatMul4bit", "addmm_into", "dora_weight_norm", "lora_linear_4bit"]
-
 
 
 def addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -55,73 +56,104 @@ def dora_weight_norm(
     return torch.linalg.norm(W, dim=1)
 
 
+class _Forward(NamedTuple):
+    """What :func:`_forward` computed, and what backward needs of it."""
+
+    out: torch.Tensor
+    compute_dtype: torch.dtype
+    lora_dtype: torch.dtype
+    fused: bool
+    xd: torch.Tensor
+    h: torch.Tensor
+    norm: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
+
+
+def _forward(x, weight, quant_state, bias, A, B, magnitude, scaling: float, dropout_p: float,
+             lora_dtype: Optional[torch.dtype], compute_dtype: Optional[torch.dtype]) -> _Forward:
+    """The forward of :class:`LoraMatMul4bit` (arguments as there), without autograd.
+
+    Inference calls it directly; the autograd function keeps what it returns
+    for backward.
+    """
+    # The base matmul runs in compute_dtype; its output is widened back to
+    # x's dtype before the adapter term is added (as bitsandbytes + PEFT
+    # do), so with fp32 activations a small adapter update is not lost in
+    # the rounding of a bf16 sum.
+    out_dtype = x.dtype
+    compute_dtype = out_dtype if compute_dtype is None or magnitude is not None else compute_dtype
+    # The adapter's matmuls run in lora_dtype (default: the adapter's own);
+    # gradients are returned in the adapter's dtype either way.
+    compute_path = lora_dtype is not None and magnitude is None
+    lora_dtype = lora_dtype if compute_path else A.dtype
+    # (`.to` only where the dtype changes: each call costs a few us, which
+    # decoding pays per layer and token.)
+    A_ = A if A.dtype == lora_dtype else A.to(lora_dtype)
+    B_ = B if B.dtype == lora_dtype else B.to(lora_dtype)
+    xd = x if x.dtype == lora_dtype else x.to(lora_dtype)
+    mask = None
+    if dropout_p > 0.0:
+        # Drawn as torch's CPU dropout draws it, so a seeded run matches nn.Dropout's.
+        keep = torch.empty_like(xd).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
+        mask = keep != 0
+        xd = xd * keep
+    norm = None
+    if compute_path and bias is None and mask is None and compute_dtype == lora_dtype:
+        # The trainer's fast path: base and adapter summed inside the matmul
+        # (rounded once; see functional.lora_matmul).
+        out, h = functional.linear_4bit_lora(xd.reshape(-1, xd.shape[-1]), weight, quant_state, A, B, scaling)
+        out = out.view(*x.shape[:-1], out.shape[-1])
+        fused = True
+    elif magnitude is None:
+        h = xd @ A_.t()
+        # Sums are formed in PEFT's order (base output with bias first, then
+        # the adapter term), so equal weights give equal logits to the last bit.
+        xc = x if compute_dtype == out_dtype else x.to(compute_dtype)
+        result = functional.linear_4bit(xc, weight, quant_state)
+        if bias is not None:
+            result = result + bias.to(result.dtype)
+        if result.dtype != out_dtype:
+            result = result.to(out_dtype)
+        # The compute-dtype path with a bias accumulates the adapter into the
+        # fresh result inside the matmul: no [tokens, out] temporaries.
+        fused = compute_path and result.dtype == lora_dtype and result.is_contiguous()
+        if fused:
+            out = addmm_into(result, h, B_.t(), scaling)
+        elif lora_dtype == torch.float32:
+            # PEFT's float32 sum, rounded to out_dtype, formed in result's memory.
+            out = functional.lora_up_add_(result, h, B_.t(), scaling)
+        else:
+            out = result.to(lora_dtype) + (h @ B_.t()) * scaling
+    else:
+        h = xd @ A_.t()
+        W = functional.dequantize_4bit(weight, quant_state).to(x.dtype)
+        base = F.linear(x, W)
+        result = base if bias is None else base + bias.to(base.dtype)
+        if mask is None:
+            base_d = base if bias is None else result - bias.to(base.dtype)
+        else:
+            base_d = F.linear(xd.to(x.dtype), W)
+        # W is a fresh tensor and no longer needed: the norm may overwrite it.
+        norm = dora_weight_norm(W, A, B, scaling, inplace=True)
+        del W
+        g = magnitude / norm
+        fused = False
+        out = result.to(lora_dtype) + ((g - 1) * base_d.to(lora_dtype) + g * (h @ B_.t()) * scaling)
+    if out.dtype != out_dtype:
+        out = out.to(out_dtype)
+    return _Forward(out, compute_dtype, lora_dtype, fused, xd, h, norm, mask)
+
+
 class LoraMatMul4bit(torch.autograd.Function):
     """Forward and backward of a LoRA (optionally DoRA) layer over a frozen 4-bit weight."""
 
     @staticmethod
     def forward(ctx, x, weight, quant_state, bias, A, B, magnitude, scaling: float, dropout_p: float,
                 lora_dtype: Optional[torch.dtype] = None, compute_dtype: Optional[torch.dtype] = None):
-        # The base matmul runs in compute_dtype; its output is widened back to
-        # x's dtype before the adapter term is added (as bitsandbytes + PEFT
-        # do), so with fp32 activations a small adapter update is not lost in
-        # the rounding of a bf16 sum.
-        out_dtype = x.dtype
-        compute_dtype = out_dtype if compute_dtype is None or magnitude is not None else compute_dtype
-        ctx.compute_dtype = compute_dtype
-        # The adapter's matmuls run in lora_dtype (default: the adapter's own);
-        # gradients are returned in the adapter's dtype either way.
-        compute_path = lora_dtype is not None and magnitude is None
-        lora_dtype = lora_dtype if compute_path else A.dtype
-        ctx.lora_dtype = lora_dtype
-        A_, B_ = A.to(lora_dtype), B.to(lora_dtype)
-        xd = x.to(lora_dtype)
-        mask = None
-        if dropout_p > 0.0:
-            # Drawn as torch's CPU dropout draws it, so a seeded run matches nn.Dropout's.
-            keep = torch.empty_like(xd).bernoulli_(1.0 - dropout_p).div_(1.0 - dropout_p)
-            mask = keep != 0
-            xd = xd * keep
-        norm = None
-        if compute_path and bias is None and mask is None and compute_dtype == lora_dtype:
-            # The trainer's fast path: base and adapter summed inside the matmul
-            # (rounded once; see functional.lora_matmul).
-            out, h = functional.linear_4bit_lora(xd.reshape(-1, xd.shape[-1]), weight, quant_state, A, B, scaling)
-            out = out.view(*x.shape[:-1], out.shape[-1])
-            ctx.fused = True
-        elif magnitude is None:
-            h = xd @ A_.t()
-            # Sums are formed in PEFT's order (base output with bias first, then
-            # the adapter term), so equal weights give equal logits to the last bit.
-            xc = x if compute_dtype == out_dtype else x.to(compute_dtype)
-            result = functional.linear_4bit(xc, weight, quant_state)
-            if bias is not None:
-                result = result + bias.to(result.dtype)
-            result = result.to(out_dtype)
-            # The compute-dtype path with a bias accumulates the adapter into the
-            # fresh result inside the matmul: no [tokens, out] temporaries.
-            ctx.fused = compute_path and result.dtype == lora_dtype and result.is_contiguous()
-            if ctx.fused:
-                out = addmm_into(result, h, B_.t(), scaling)
-            elif lora_dtype == torch.float32:
-                # PEFT's float32 sum, rounded to out_dtype, formed in result's memory.
-                out = functional.lora_up_add_(result, h, B_.t(), scaling)
-            else:
-                out = result.to(lora_dtype) + (h @ B_.t()) * scaling
-        else:
-            h = xd @ A_.t()
-            W = functional.dequantize_4bit(weight, quant_state).to(x.dtype)
-            base = F.linear(x, W)
-            result = base if bias is None else base + bias.to(base.dtype)
-            if mask is None:
-                base_d = base if bias is None else result - bias.to(base.dtype)
-            else:
-                base_d = F.linear(xd.to(x.dtype), W)
-            # W is a fresh tensor and no longer needed: the norm may overwrite it.
-            norm = dora_weight_norm(W, A, B, scaling, inplace=True)
-            del W
-            g = magnitude / norm
-            ctx.fused = False
-            out = result.to(lora_dtype) + ((g - 1) * base_d.to(lora_dtype) + g * (h @ B_.t()) * scaling)
+        f = _forward(x, weight, quant_state, bias, A, B, magnitude, scaling, dropout_p, lora_dtype, compute_dtype)
+        ctx.compute_dtype = f.compute_dtype
+        ctx.lora_dtype = f.lora_dtype
+        ctx.fused = f.fused
         ctx.quant_state = quant_state
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
@@ -129,8 +161,8 @@ class LoraMatMul4bit(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         # Without dropout the LoRA input is x itself: keep x (no copy, in its own
         # dtype) and widen it in backward, which is exact.
-        ctx.save_for_backward(weight, x if mask is None else xd, h, A, B, magnitude, norm, mask)
-        return out.to(out_dtype)
+        ctx.save_for_backward(weight, x if f.mask is None else f.xd, f.h, A, B, magnitude, f.norm, f.mask)
+        return f.out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -218,16 +250,24 @@ def lora_linear_4bit(
     qs = base.quant_state
     if x.shape[-1] != base.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the layer expects {base.in_features}")
-    device = x.device.type
     compute_dtype = base.compute_dtype
     out_dtype = x.dtype
-    if torch.is_autocast_enabled(device) and compute_dtype is None:
-        compute_dtype = out_dtype = torch.get_autocast_dtype(device)
+    # Autocast checked cheaply first, as qpeft.autograd.matmul_4bit does.
+    autocast = _any_autocast()
+    if autocast and compute_dtype is None and torch.is_autocast_enabled(x.device.type):
+        compute_dtype = out_dtype = torch.get_autocast_dtype(x.device.type)
     if compute_dtype is not None and x.dtype != compute_dtype and (magnitude is not None or x.dtype != out_dtype):
         # Autocast (the whole layer in its dtype) and DoRA (whose direction
         # and norm are formed in the compute dtype) take the cast input.
         x = x.to(compute_dtype)
-    with torch.autocast(device, enabled=False):
-        out = LoraMatMul4bit.apply(x, base.weight, qs, base.bias, A, B, magnitude, float(scaling), float(dropout_p),
-                                   x.dtype if lora_in_compute_dtype else None, compute_dtype)
+    weight, bias = base.weight, base.bias
+    args = (x, weight, qs, bias, A, B, magnitude, float(scaling), float(dropout_p),
+            x.dtype if lora_in_compute_dtype else None, compute_dtype)
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, A, B, magnitude)):
+            out = LoraMatMul4bit.apply(*args)
+        else:
+            # Nothing to differentiate (generation, evaluation): the same
+            # forward without the autograd function and what it keeps.
+            out = _forward(*args).out
     return out if out.dtype == out_dtype else out.to(out_dtype)
