@@ -28,6 +28,20 @@ __all__ = ["MatMul4bit", "matmul_4bit"]
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype for ``x``'s device, or ``None`` where autocast is off.
+
+    Asks first whether any autocast is on: ``x.device`` makes a torch.device
+    object and ``is_autocast_enabled(device)`` parses it, about 50 us together
+    when a dense layer has just flushed the caches (a tenth of a one-token
+    4096 x 4096 call); the quick check costs a few.
+    """
+    if not _any_autocast():
+        return None
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 class MatMul4bit(torch.autograd.Function):
     """``y = x @ W.T + bias`` with W stored in 4 bits (bitsandbytes layout)."""
 
@@ -77,15 +91,11 @@ def matmul_4bit(
             f"{tuple(quant_state.shape)} expects {quant_state.shape[-1]}"
         )
     out_dtype = x.dtype
-    # `x.device` makes a torch.device object and `is_autocast_enabled(device)`
-    # parses it: about 50 us together when a dense layer has just flushed the
-    # caches, a tenth of a one-token 4096 x 4096 call. Asking first whether
-    # any autocast is on costs a few.
-    if compute_dtype is None and _any_autocast():
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
+    if compute_dtype is None:
+        auto = _autocast_dtype(x)
+        if auto is not None:
             # Like F.linear under autocast: compute and return in the autocast dtype.
-            compute_dtype = out_dtype = torch.get_autocast_dtype(device)
+            compute_dtype = out_dtype = auto
     if compute_dtype is not None and x.dtype != compute_dtype:
         x = x.to(compute_dtype)
     grad = torch.is_grad_enabled()

@@ -771,7 +771,10 @@ def _gemv_out(A: torch.Tensor, n: int, k: int, out: Optional[torch.Tensor]) -> t
         )
     tokens = A.numel() // k if k else math.prod(a_shape[:-1])
     if out is None:
-        out = torch.empty((*a_shape[:-1], n), dtype=A.dtype, device=A.device)
+        # The size as separate ints and, on the CPU, a prebuilt device: both
+        # parse faster (about 20 us less per one-token call when a dense layer
+        # has just flushed the caches).
+        out = torch.empty(*a_shape[:-1], n, dtype=A.dtype, device=_CPU if A.is_cpu else A.device)
     else:
         _check_out(out, tokens * n, A.dtype, A.device)
     return tokens, out
@@ -788,14 +791,7 @@ def _gemv_4bit_cpu(
     """:func:`_gemv_4bit` for a CPU tensor ``A`` of dtype ``dtype_name`` (the
     caller has checked both; :func:`linear_4bit` comes straight here)."""
     n, k, weight = _weight_handle(B, quant_state)
-    shape = A.shape
-    if out is None and shape and shape[-1] == k:
-        # _gemv_out's allocation, cheaper: a size as separate ints and a device
-        # object parse faster (about 20 us less when the caches are cold).
-        tokens = A.numel() // k if k else math.prod(shape[:-1])
-        out = torch.empty(*shape[:-1], n, dtype=A.dtype, device=_CPU)
-    else:
-        tokens, out = _gemv_out(A, n, k, out)
+    tokens, out = _gemv_out(A, n, k, out)
     # Only the memory is read (autograd records nothing): no detach needed for the address.
     x = A if A.is_contiguous() else A.detach().contiguous()
     # x is a contiguous CPU tensor of tokens * K elements of dtype_name, and

@@ -144,11 +144,12 @@ pub fn causal_softmax_grad<E: Elem>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::elem::Bf16;
 
-    fn noise(n: usize, seed: u64, amp: f32) -> Vec<f32> {
+    /// Deterministic uniform noise in [-amp/2, amp/2) (also attn_softmax's tests).
+    pub(crate) fn noise(n: usize, seed: u64, amp: f32) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {

@@ -142,17 +142,8 @@ pub fn causal_softmax<E: Elem>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attn_grad::tests::noise;
     use crate::elem::Bf16;
-
-    fn noise(n: usize, seed: u64, amp: f32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * amp
-            })
-            .collect()
-    }
 
     fn check<E: Elem>(isa: Isa, k: usize, blocks: usize, scale: f32, tol: f64) {
         let rows = k * blocks;

@@ -64,9 +64,9 @@ fn rows<E: Elem>(y: &mut [E], h: &[f32], bt: &[f32], n: usize, r: usize, scale: 
 }
 
 /// [`rows`] for `B` itself (`[n, r]`, row-major) instead of `B^T`: each tile's
-/// columns of `B^T` are gathered into `bt_tile` once and serve every row.
+/// columns of `B^T` are gathered into a buffer once and serve every row.
 #[inline(always)]
-fn rows_of_b<E: Elem>(y: &mut [E], h: &[f32], b: &[f32], n: usize, r: usize, scale: f32, bt_tile: &mut [f32]) {
+fn rows_of_b<E: Elem>(y: &mut [E], h: &[f32], b: &[f32], n: usize, r: usize, scale: f32) {
     let tokens = h.len() / r;
     if tokens <= FEW_TOKENS {
         // Few tokens: each output's dot product straight from B's row (the
@@ -82,6 +82,7 @@ fn rows_of_b<E: Elem>(y: &mut [E], h: &[f32], b: &[f32], n: usize, r: usize, sca
         }
         return;
     }
+    let mut bt_tile = vec![0f32; r * TILE];
     for j in (0..n).step_by(TILE) {
         let width = TILE.min(n - j);
         for i in 0..width {
@@ -92,9 +93,9 @@ fn rows_of_b<E: Elem>(y: &mut [E], h: &[f32], b: &[f32], n: usize, r: usize, sca
         for t in 0..tokens {
             let (yr, hr) = (&mut y[t * n + j..t * n + j + width], &h[t * r..(t + 1) * r]);
             if width == TILE {
-                tile::<E, true>(yr, hr, bt_tile, TILE, 0, TILE, scale);
+                tile::<E, true>(yr, hr, &bt_tile, TILE, 0, TILE, scale);
             } else {
-                tile::<E, false>(yr, hr, bt_tile, width, 0, width, scale);
+                tile::<E, false>(yr, hr, &bt_tile, width, 0, width, scale);
             }
         }
     }
@@ -111,7 +112,7 @@ enum Up<'a> {
 fn rows_any<E: Elem>(y: &mut [E], h: &[f32], w: Up, n: usize, r: usize, scale: f32) {
     match w {
         Up::Transposed(bt) => rows(y, h, bt, n, r, scale),
-        Up::Rows(b) => rows_of_b(y, h, b, n, r, scale, &mut vec![0f32; r * TILE]),
+        Up::Rows(b) => rows_of_b(y, h, b, n, r, scale),
     }
 }
 

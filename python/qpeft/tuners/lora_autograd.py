@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional
-from ..autograd import _any_autocast
+from ..autograd import _any_autocast, _autocast_dtype
 
 __all__ = ["LoraMatMul4bit", "addmm_into", "dora_weight_norm", "lora_linear_4bit"]
 
@@ -252,10 +252,9 @@ def lora_linear_4bit(
         raise ValueError(f"input has {x.shape[-1]} features, the layer expects {base.in_features}")
     compute_dtype = base.compute_dtype
     out_dtype = x.dtype
-    # Autocast checked cheaply first, as qpeft.autograd.matmul_4bit does.
-    autocast = _any_autocast()
-    if autocast and compute_dtype is None and torch.is_autocast_enabled(x.device.type):
-        compute_dtype = out_dtype = torch.get_autocast_dtype(x.device.type)
+    auto = _autocast_dtype(x) if compute_dtype is None else None
+    if auto is not None:
+        compute_dtype = out_dtype = auto
     if compute_dtype is not None and x.dtype != compute_dtype and (magnitude is not None or x.dtype != out_dtype):
         # Autocast (the whole layer in its dtype) and DoRA (whose direction
         # and norm are formed in the compute dtype) take the cast input.
@@ -263,8 +262,8 @@ def lora_linear_4bit(
     weight, bias = base.weight, base.bias
     args = (x, weight, qs, bias, A, B, magnitude, float(scaling), float(dropout_p),
             x.dtype if lora_in_compute_dtype else None, compute_dtype)
-    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, A, B, magnitude)):
+    with torch.autocast(x.device.type, enabled=False) if _any_autocast() else contextlib.nullcontext():
+        if functional._records(*(t for t in (x, bias, A, B, magnitude) if t is not None)):
             out = LoraMatMul4bit.apply(*args)
         else:
             # Nothing to differentiate (generation, evaluation): the same
